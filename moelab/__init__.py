@@ -1,0 +1,15 @@
+"""moelab: Mixture-of-Experts language models in PyTorch."""
+
+from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
+from moelab.errors import CheckpointError, ConfigError, MoelabError
+from moelab.model import ModelOutput, MoETransformer, build_model
+from moelab.params import count_params
+from moelab.presets import get_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
+    "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "get_preset",
+    "load_config", "save_config",
+]

@@ -1,0 +1,124 @@
+"""`moelab <command>`: a thin layer that parses arguments and calls the library.
+
+Every error a user can cause is printed as one line naming the bad input and the fix, with a
+non-zero exit and no traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moelab.errors import MoelabError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _resolve_model_config(source: str):
+    """A preset name, or a moelab config file (.yaml/.yml/.json)."""
+    from moelab.config import load_config
+    from moelab.presets import PRESETS, get_preset
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return load_config(path / "config.yaml")
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return load_config(path)
+    if source.lower().replace("_", "-") in PRESETS:
+        return get_preset(source)
+    raise MoelabError(
+        f"SOURCE {source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing config file")
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from moelab.params import COMPONENTS, count_params, human
+
+    cfg = _resolve_model_config(args.source)
+    count = count_params(cfg)
+    data = {"source": args.source, **count.to_dict()}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"{args.source}: {human(count.total_params)} total / {human(count.active_params)} active parameters per token")
+    print(f"  {'component':<16}{'total':>18}{'active':>18}")
+    for c in COMPONENTS:
+        if count.breakdown[c]:
+            print(f"  {c:<16}{count.breakdown[c]:>18,}{count.active_breakdown[c]:>18,}")
+    print(f"  {'all':<16}{count.total_params:>18,}{count.active_params:>18,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab", formatter_class=_Formatter,
+        description="moelab: build, train, run and analyse Mixture-of-Experts language models.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "params", help="total and active parameter counts of a preset or config",
+        formatter_class=_Formatter,
+        description="Count total and active (per token) parameters on the meta device (no memory).",
+        epilog="example:\n  moelab params mixtral-8x7b\n  moelab params my_config.yaml --json")
+    p.add_argument("source", help="preset name (see `moelab presets`) or a moelab config file")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="also write result.json into this directory")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
+                       epilog="example:\n  moelab presets")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from moelab.params import count_params, human
+    from moelab.presets import PRESETS, PUBLISHED
+
+    rows = []
+    for name in PRESETS:
+        c = count_params(PRESETS[name]())
+        pub = PUBLISHED.get(name)
+        rows.append({"name": name, "total_params": c.total_params, "active_params": c.active_params,
+                     "published": None if pub is None else {"total": pub.total, "active": pub.active,
+                                                             "source": pub.source}})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        pub = r["published"]
+        ref = f"  (published {pub['total']} / {pub['active'] or 'n/a'})" if pub else ""
+        print(f"{r['name']:<20}{human(r['total_params']):>8} total {human(r['active_params']):>8} active{ref}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (MoelabError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

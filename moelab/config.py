@@ -1,0 +1,315 @@
+"""The config tree: ModelConfig > AttentionConfig, MoEConfig > RouterConfig.
+
+Every dataclass validates itself in ``__post_init__`` and raises :class:`ConfigError` (a ValueError)
+naming the field, the bad value and the fix. Configs round-trip exactly through YAML and JSON
+(``save_config`` / ``load_config``); unknown keys are an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moelab.errors import ConfigError
+
+# Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
+ROUTER_TYPES = ("topk",)
+NORM_TYPES = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+QK_NORM_TYPES = ("none", "per_head", "full")
+SOFTMAX_ORDERS = ("topk_then_softmax", "softmax_then_topk")
+
+
+def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        need = "a non-negative number" if allow_zero else "a positive number"
+        raise ConfigError(name, value, f"must be {need}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(name, value, f"unknown value; choose one of {', '.join(options)}")
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts, and the balancing losses the router owns.
+
+    ``type="topk"`` is token-choice softmax top-k in its two standard forms:
+    - ``softmax_order="topk_then_softmax"`` (Mixtral): top-k over the logits, softmax over those k.
+    - ``softmax_order="softmax_then_topk"`` (Switch, GShard, Qwen-MoE, DeepSeekMoE): softmax over all
+      experts, then top-k; ``norm_topk_prob`` renormalises the k gates to sum to 1 (otherwise they
+      sum to < 1 on purpose).
+    """
+
+    type: str = "topk"
+    top_k: int = 2
+    softmax_order: str = "topk_then_softmax"
+    norm_topk_prob: bool = False
+    # Switch load-balancing loss alpha * E * sum_i f_i P_i (Fedus et al. eq. 4); 1e-2 in the paper.
+    load_balance_coef: float = 0.01
+    # ST-MoE router z-loss (1/T) sum_t logsumexp(logits_t)^2 (Zoph et al. §3); 1e-3 in the paper.
+    z_loss_coef: float = 0.0
+    # Training-only multiplicative input jitter U(1-eps, 1+eps) (Switch, Phi-3.5-MoE).
+    jitter_eps: float = 0.0
+    # Router logits are divided by this before any softmax.
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("router.type", self.type, ROUTER_TYPES)
+        _positive("router.top_k", self.top_k)
+        _choice("router.softmax_order", self.softmax_order, SOFTMAX_ORDERS)
+        _positive("router.load_balance_coef", self.load_balance_coef, allow_zero=True)
+        _positive("router.z_loss_coef", self.z_loss_coef, allow_zero=True)
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ConfigError("router.jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        _positive("router.temperature", self.temperature)
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts FFN and where it sits in the stack.
+
+    Layer ``i`` is an MoE layer when ``i >= first_k_dense``, ``i not in dense_layers`` and
+    ``i % moe_every == moe_offset`` (``moe_offset`` defaults to ``moe_every - 1``, i.e. every P-th
+    layer counting from 1, as Switch and Qwen's ``decoder_sparse_step``; DeepSeek's
+    ``moe_layer_freq`` uses offset 0).
+    """
+
+    num_experts: int = 8
+    expert_ffn_dim: int = 512  # F of each routed expert (fine-grained experts: smaller than the dense F)
+    num_shared_experts: int = 0
+    shared_expert_ffn_dim: int | None = None  # per shared expert; defaults to expert_ffn_dim
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x w), w: D->1
+    moe_every: int = 1
+    moe_offset: int | None = None
+    first_k_dense: int = 0
+    dense_layers: tuple[int, ...] = ()
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = _from_dict(RouterConfig, self.router, "moe.router")
+        self.dense_layers = tuple(self.dense_layers)
+        _positive("moe.num_experts", self.num_experts)
+        _positive("moe.expert_ffn_dim", self.expert_ffn_dim)
+        _positive("moe.num_shared_experts", self.num_shared_experts, allow_zero=True)
+        if self.shared_expert_ffn_dim is not None:
+            _positive("moe.shared_expert_ffn_dim", self.shared_expert_ffn_dim)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ConfigError("moe.shared_expert_gate", True, "needs moe.num_shared_experts >= 1")
+        _positive("moe.moe_every", self.moe_every)
+        if self.moe_offset is not None and not 0 <= self.moe_offset < self.moe_every:
+            raise ConfigError("moe.moe_offset", self.moe_offset, f"must be in [0, moe_every={self.moe_every})")
+        _positive("moe.first_k_dense", self.first_k_dense, allow_zero=True)
+        for i in self.dense_layers:
+            _positive("moe.dense_layers", i, allow_zero=True)
+        if self.router.top_k > self.num_experts:
+            raise ConfigError(
+                "moe.router.top_k", self.router.top_k,
+                f"must be <= moe.num_experts={self.num_experts}; lower top_k or add experts",
+            )
+
+    @property
+    def shared_ffn_dim(self) -> int:
+        """Total width of the shared experts, run as one SwiGLU (equal to the sum of separate ones)."""
+        per = self.shared_expert_ffn_dim if self.shared_expert_ffn_dim is not None else self.expert_ffn_dim
+        return self.num_shared_experts * per
+
+    def is_moe_layer(self, i: int) -> bool:
+        offset = self.moe_every - 1 if self.moe_offset is None else self.moe_offset
+        return i >= self.first_k_dense and i not in self.dense_layers and i % self.moe_every == offset
+
+
+@dataclass
+class AttentionConfig:
+    """Causal self-attention: MHA (kv_heads == heads), GQA, MQA (kv_heads == 1), sliding window."""
+
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: same as num_heads (MHA)
+    head_dim: int | None = None  # None: d_model // num_heads
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None  # a token sees itself and the previous sliding_window - 1 tokens
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) or "full" (OLMoE: over all heads)
+    clip_qkv: float | None = None  # DBRX/OLMoE: clamp q, k, v to [-c, c]
+    logit_softcap: float | None = None  # Grok-1: scores = c * tanh(scores / c)
+
+    def __post_init__(self) -> None:
+        _positive("attention.num_heads", self.num_heads)
+        if self.num_kv_heads is not None:
+            _positive("attention.num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ConfigError(
+                    "attention.num_kv_heads", self.num_kv_heads,
+                    f"must divide attention.num_heads={self.num_heads} (GQA groups heads evenly)",
+                )
+        if self.head_dim is not None:
+            _positive("attention.head_dim", self.head_dim)
+            if self.head_dim % 2:
+                raise ConfigError("attention.head_dim", self.head_dim, "must be even for RoPE")
+        _positive("attention.rope_theta", self.rope_theta)
+        if self.sliding_window is not None:
+            _positive("attention.sliding_window", self.sliding_window)
+        _choice("attention.qk_norm", self.qk_norm, QK_NORM_TYPES)
+        if self.clip_qkv is not None:
+            _positive("attention.clip_qkv", self.clip_qkv)
+        if self.logit_softcap is not None:
+            _positive("attention.logit_softcap", self.logit_softcap)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer whose FFNs may be MoE layers (``moe=None``: fully dense)."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    num_layers: int = 4
+    max_seq_len: int = 2048
+    dense_ffn_dim: int = 1024  # SwiGLU width of the dense FFN layers
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only: Phi-3.5-MoE has a bias, DBRX has none
+    sandwich_norm: bool = False  # Grok-1: extra norms on the attention and FFN outputs
+    activation: str = "silu"  # gated FFN: act(x W_gate) * (x W_up)
+    tie_embeddings: bool = False
+    lm_head_bias: bool = False
+    embedding_multiplier: float = 1.0  # Grok-1 scales the embeddings
+    output_multiplier: float = 1.0  # Grok-1 scales the logits
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attention, dict):
+            self.attention = _from_dict(AttentionConfig, self.attention, "attention")
+        if isinstance(self.moe, dict):
+            self.moe = _from_dict(MoEConfig, self.moe, "moe")
+        for name in ("vocab_size", "d_model", "num_layers", "max_seq_len", "dense_ffn_dim"):
+            _positive(name, getattr(self, name))
+        _choice("norm", self.norm, NORM_TYPES)
+        _positive("norm_eps", self.norm_eps)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _positive("init_std", self.init_std)
+        if self.attention.head_dim is None and self.d_model % self.attention.num_heads:
+            raise ConfigError(
+                "attention.num_heads", self.attention.num_heads,
+                f"must divide d_model={self.d_model}, or set attention.head_dim explicitly",
+            )
+        if self.head_dim % 2:
+            raise ConfigError("attention.head_dim", self.head_dim, "d_model / num_heads must be even for RoPE")
+        if self.moe is not None:
+            for i in self.moe.dense_layers:
+                if i >= self.num_layers:
+                    raise ConfigError("moe.dense_layers", i, f"layer index must be < num_layers={self.num_layers}")
+            if not any(self.moe.is_moe_layer(i) for i in range(self.num_layers)):
+                raise ConfigError(
+                    "moe", "no MoE layer",
+                    "first_k_dense / moe_every / dense_layers leave no MoE layer; set moe: null for a dense model",
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(i)
+
+    def layer_types(self) -> list[str]:
+        """'moe' or 'dense' for every block, in order."""
+        return ["moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_layers)]
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, "")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``X`` or ``X | None``, else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain dict, recursing into nested configs; unknown keys raise."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(where, type(data).__name__, "expected a mapping of field names to values")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix + '.' if prefix else ''}{unknown[0]}", data[unknown[0]],
+            f"unknown field of {cls.__name__}; known fields: {', '.join(sorted(names))}",
+        )
+    kwargs = {}
+    for key, value in data.items():
+        sub = _dataclass_type(hints[key])
+        if sub is not None and isinstance(value, dict):
+            value = _from_dict(sub, value, f"{prefix + '.' if prefix else ''}{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - names already checked above
+        raise ConfigError(where, data, str(e)) from e
+
+
+def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+    path = Path(path)
+    data = config.to_dict()
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read a moelab config written by :func:`save_config` (YAML or JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file", str(path), "file not found; pass a moelab config .yaml/.json")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError("config file", str(path), f"could not be parsed: {e}") from e
+    if isinstance(data, dict) and "model" in data and "vocab_size" not in data:
+        data = data["model"]  # a run config (train settings + model) is accepted too
+    return ModelConfig.from_dict(data)

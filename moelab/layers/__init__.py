@@ -1,0 +1,1 @@
+"""Dense building blocks: norms, RoPE, attention, gated MLP."""

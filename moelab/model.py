@@ -1,0 +1,134 @@
+"""The decoder-only transformer whose FFNs can be MoE layers.
+
+Features: token embedding (optionally scaled), pre-norm blocks with RMSNorm or LayerNorm (optionally
+sandwich norms, Grok-1), RoPE attention with MHA/GQA/MQA, sliding window, q/k norm, clip_qkv and
+logit soft-cap, dense SwiGLU or MoE FFN per block (MoE every P-th layer, first k dense), tied or
+untied LM head with optional bias, KV cache for decoding.
+
+Shape legend: B batch, T positions, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.layers.attention import Attention, KVCache, LayerKVCache
+from moelab.layers.mlp import GatedMLP
+from moelab.layers.norm import make_norm
+from moelab.layers.rope import rope_cos_sin
+from moelab.moe.layer import MoELayer
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + sum of weighted aux losses (when labels are given)
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed over MoE layers
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
+        self.layer_idx = layer_idx
+        self.attn_norm = norm()
+        self.attn = Attention(cfg)
+        self.ffn_norm = norm()
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.ffn = MoELayer(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.dense_ffn_dim, cfg.activation)
+        self.post_attn_norm = norm() if cfg.sandwich_norm else None
+        self.post_ffn_norm = norm() if cfg.sandwich_norm else None
+
+    def forward(self, x_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None):
+        h = self.attn(self.attn_norm(x_BTD), cos_TD, sin_TD, positions_T, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x_BTD = x_BTD + h
+        routing = None
+        if self.is_moe:
+            h, routing = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            h = self.ffn(self.ffn_norm(x_BTD))
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm(h)
+        return x_BTD + h, routing
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices, std / sqrt(2 L) for residual-branch outputs (GPT-2),
+        zeros for biases, ones for norm weights."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                nn.init.zeros_(p)
+            elif p.ndim == 1:  # norm weights
+                nn.init.ones_(p)
+            elif "o_proj" in name or "down_proj" in name or leaf == "down_EDF":
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.blocks))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """``labels`` are aligned with ``input_ids`` (shifted inside, -100 ignored), as in HF."""
+        B, T = input_ids.shape
+        start = cache.seq_len if cache is not None else 0
+        positions_T = torch.arange(start, start + T, device=input_ids.device)
+        cos_TD, sin_TD = rope_cos_sin(positions_T, self.config.head_dim, self.config.attention.rope_theta)
+        x_BTD = self.embed(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x_BTD = x_BTD * self.config.embedding_multiplier
+        aux: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x_BTD, routing = block(x_BTD, cos_TD, sin_TD, positions_T, cache.layers[i] if cache else None)
+            if routing is not None:
+                for name, value in routing.aux_losses.items():
+                    aux[name] = aux[name] + value if name in aux else value
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        if self.config.output_multiplier != 1.0:
+            logits_BTV = logits_BTV * self.config.output_multiplier
+        out = ModelOutput(logits=logits_BTV, aux_losses=aux)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(
+                logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(),
+                labels[:, 1:].reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
+        return out
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> MoETransformer:
+    """Build a model; ``device="meta"`` allocates no memory (for counting parameters)."""
+    with torch.device(device or "cpu"):
+        model = MoETransformer(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model

@@ -1,0 +1,6 @@
+"""Mixture-of-experts: routing result + routers, balancing losses, stacked experts, dispatch, layer.
+
+Shape legend (torchtitan style) used in every file of this package:
+T tokens (batch x sequence flattened), D model dim, E routed experts, K experts per token,
+F expert FFN dim, A assignments (token, expert) pairs, T*K for token-choice top-k.
+"""

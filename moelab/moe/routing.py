@@ -1,0 +1,87 @@
+"""The one routing result every router returns, and the router registry.
+
+A routing is a list of A (token, expert, weight) assignments. Token-choice top-k gives A = T*K;
+expert choice and dynamic top-p give a variable number per token; capacity dropping removes
+assignments. Because every router speaks this one form, the MoE layer never branches on router type.
+
+Shape legend: T tokens, E experts, A assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moelab.config import RouterConfig
+
+
+@dataclass
+class Routing:
+    token_idx_A: torch.Tensor  # long, which token each assignment belongs to
+    expert_idx_A: torch.Tensor  # long, which expert serves it
+    weight_A: torch.Tensor  # fp32 combine weight of the expert's output
+    logits_TE: torch.Tensor  # fp32 router logits (after temperature), for z-loss and analysis
+    probs_TE: torch.Tensor  # fp32 router scores over all experts (softmax for softmax routers)
+    num_experts: int
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted by their coefficients
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits_TE.shape[0]
+
+    @classmethod
+    def from_topk(cls, topk_idx_TK: torch.Tensor, weight_TK: torch.Tensor, logits_TE: torch.Tensor,
+                  probs_TE: torch.Tensor) -> Routing:
+        T, K = topk_idx_TK.shape
+        token_idx_A = torch.arange(T, device=topk_idx_TK.device).repeat_interleave(K)  # (T*K,)
+        return cls(token_idx_A, topk_idx_TK.reshape(-1), weight_TK.reshape(-1).float(), logits_TE, probs_TE,
+                   num_experts=logits_TE.shape[-1])
+
+    def expert_counts(self) -> torch.Tensor:
+        """(E,) number of assignments per expert."""
+        return torch.bincount(self.expert_idx_A, minlength=self.num_experts)
+
+
+class Router(nn.Module):
+    """Base class: a router maps x_TD to a Routing. ``weight`` is the (E, D) gate matrix."""
+
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+
+    @property
+    def active_experts_per_token(self) -> int:
+        """Routed experts a token uses (on average), for the active-parameter count."""
+        return self.cfg.top_k
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 (Switch 'selective precision'), with jitter and temperature."""
+        x32 = x_TD.float()
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x32 = x32 * torch.empty_like(x32).uniform_(1.0 - eps, 1.0 + eps)
+        return (x32 @ self.weight.float().t()) / self.cfg.temperature  # (T, E)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str):
+    def deco(cls: type[Router]) -> type[Router]:
+        ROUTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_router(cfg: RouterConfig, d_model: int, num_experts: int) -> Router:
+    from moelab.moe import routers  # noqa: F401  (fills the registry)
+
+    return ROUTERS[cfg.type](cfg, d_model, num_experts)

@@ -1,0 +1,86 @@
+"""Total and active parameter counts of a config, by building the model on the meta device.
+
+Active parameters per token (the convention behind Mixtral's 46.7B total / 12.9B active): every
+non-expert parameter (embeddings and LM head included, a tied head counted once), the full router,
+all shared experts, and the routed experts a token uses (K of E) in each MoE layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from moelab.config import ModelConfig
+from moelab.layers.mlp import GatedMLP
+from moelab.model import MoETransformer, build_model
+from moelab.moe.experts import StackedExperts
+from moelab.moe.layer import MoELayer
+from moelab.moe.routing import Router
+
+COMPONENTS = ("embeddings", "attention", "dense_ffn", "experts", "shared_experts", "routers", "norms", "lm_head")
+
+
+@dataclass
+class ParamCount:
+    total_params: int
+    active_params: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # total per component
+    active_breakdown: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"total_params": self.total_params, "active_params": self.active_params,
+                "breakdown": self.breakdown, "active_breakdown": self.active_breakdown}
+
+
+def _component(model: MoETransformer, module_name: str, module: nn.Module) -> str:
+    if module is model.embed:
+        return "embeddings"
+    if module is model.lm_head:
+        return "lm_head"
+    if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
+        return "norms"
+    if isinstance(module, Router):
+        return "routers"
+    if isinstance(module, StackedExperts):
+        return "experts"
+    parts = module_name.split(".")
+    if "attn" in parts:
+        return "attention"
+    if "shared" in parts or "shared_gate" in parts:
+        return "shared_experts"
+    if isinstance(module, (GatedMLP, nn.Linear)):
+        return "dense_ffn"
+    raise AssertionError(f"unclassified module {module_name}")  # a new module type needs a component
+
+
+def count_model(model: MoETransformer) -> ParamCount:
+    """Count a built model (meta or real). Shared (tied) tensors are counted once."""
+    seen: set[int] = set()
+    total = {c: 0 for c in COMPONENTS}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total[_component(model, name, module)] += p.numel()
+    active = dict(total)
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+            unused = layer.num_experts - layer.router.active_experts_per_token
+            active["experts"] -= unused * per_expert
+    return ParamCount(sum(total.values()), sum(active.values()), total, active)
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Count the parameters of ``cfg`` without allocating memory (meta device)."""
+    return count_model(build_model(cfg, device="meta"))
+
+
+def human(n: float) -> str:
+    """46702792704 -> '46.7B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))

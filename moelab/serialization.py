@@ -1,0 +1,112 @@
+"""Save and load a model as ``config.yaml`` + ``model.safetensors`` (never pickle).
+
+Writes go to a temporary directory that is renamed into place, so a crash never leaves a
+half-written model directory. Loads check every key and shape and name what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moelab.config import load_config, save_config
+from moelab.errors import CheckpointError
+from moelab.model import MoETransformer, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def model_state(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """State dict with tied weights stored once (the LM head of a tied model is the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_model_files(model: MoETransformer, directory: Path) -> None:
+    """Write config and weights into an existing directory (callers make it atomic)."""
+    save_config(model.config, directory / CONFIG)
+    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "library": "moelab"})
+
+
+def atomic_directory(target: Path):
+    """Context manager yielding a temp dir beside ``target`` that replaces it on success."""
+    return _AtomicDir(Path(target))
+
+
+class _AtomicDir:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
+
+
+def save_model(model: MoETransformer, directory: str | os.PathLike) -> Path:
+    """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_model_files(model, tmp)
+    return directory
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing; the checkpoint is incomplete, re-save it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
+
+
+def load_state_strict(model: MoETransformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every key must be used and every parameter filled, shapes equal."""
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)}, config expects "
+                                  f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)  # strict=False only because a tied head is stored once
+
+
+def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> MoETransformer:
+    """Load a directory written by :func:`save_model` (or a moelab checkpoint) in eval mode."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG}; not a moelab model or checkpoint directory")
+    cfg = load_config(directory / CONFIG)
+    state = read_weights(directory / WEIGHTS)
+    model = build_model(cfg, device=device)
+    load_state_strict(model, state, str(directory / WEIGHTS))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from moelab.cli import main
+from moelab.config import ModelConfig
+from moelab.model import build_model
+from moelab.params import count_params
+from moelab.presets import PRESETS, PUBLISHED, Published
+
+# Where the authors' rounding hides a different counting convention, the measured gap is recorded here
+# (and asserted), instead of widening the tolerance for every model.
+KNOWN_CONVENTION_GAPS = {
+    # Qwen states 3.3B activated; embedding + head + attention + 8 of 128 experts + router is 3.353B.
+    ("qwen3-30b-a3b", "active"): 0.02,
+}
+
+
+def formula_count(cfg: ModelConfig) -> tuple[int, int]:
+    """Parameter count written out by hand from the architecture, independent of the module tree."""
+    D, V, L, a = cfg.d_model, cfg.vocab_size, cfg.num_layers, cfg.attention
+    hd, H, G = cfg.head_dim, a.num_heads, a.kv_heads
+    norm = D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
+    attn = D * H * hd + 2 * D * G * hd + H * hd * D
+    attn += (H * hd + 2 * G * hd) * a.qkv_bias + D * a.out_bias
+    attn += {"none": 0, "per_head": 2 * hd, "full": H * hd + G * hd}[a.qk_norm]
+    total = active = V * D * (1 if cfg.tie_embeddings else 2) + V * cfg.lm_head_bias + norm
+    for i in range(L):
+        block = attn + norm * (4 if cfg.sandwich_norm else 2)
+        total += block
+        active += block
+        if cfg.is_moe_layer(i):
+            m = cfg.moe
+            expert = 3 * D * m.expert_ffn_dim
+            shared = 3 * D * m.shared_ffn_dim + D * m.shared_expert_gate
+            router = m.num_experts * D
+            total += m.num_experts * expert + shared + router
+            active += m.router.top_k * expert + shared + router
+        else:
+            total += 3 * D * cfg.dense_ffn_dim
+            active += 3 * D * cfg.dense_ffn_dim
+    return total, active
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_counts_equal_module_and_formula(name):
+    cfg = PRESETS[name]()
+    count = count_params(cfg)
+    model = build_model(cfg, device="meta")
+    assert count.total_params == sum(p.numel() for p in model.parameters())
+    assert (count.total_params, count.active_params) == formula_count(cfg)
+    assert sum(count.breakdown.values()) == count.total_params
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_preset_counts_match_published(name):
+    """Within 1% of the published figure, or within the precision it was published with
+    ("36B" covers 35.5B-36.5B), whichever is wider."""
+    pub = PUBLISHED[name]
+    count = count_params(PRESETS[name]())
+    for kind, ours, text in (("total", count.total_params, pub.total), ("active", count.active_params, pub.active)):
+        if text is None:
+            continue
+        value, half_ulp = Published.value_and_half_ulp(text)
+        gap = abs(ours - value)
+        allowed = max(0.01 * value, half_ulp)
+        if (name, kind) in KNOWN_CONVENTION_GAPS:
+            allowed = KNOWN_CONVENTION_GAPS[(name, kind)] * value
+        assert gap <= allowed, f"{name} {kind}: ours {ours:,} vs published {text} ({pub.source})"
+
+
+def test_mixtral_exact():
+    c = count_params(PRESETS["mixtral-8x7b"]())
+    assert c.total_params == 46_702_792_704
+    assert c.active_params == 12_879_925_248
+
+
+def test_params_cli_json(capsys):
+    assert main(["params", "mixtral-8x7b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert isinstance(data["total_params"], int) and isinstance(data["active_params"], int)
+    assert round(data["total_params"] / 1e9, 1) == 46.7 and round(data["active_params"] / 1e9, 1) == 12.9
+
+
+def test_params_cli_text(capsys):
+    assert main(["params", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    assert "46.7B total / 12.9B active" in out
+    assert "experts" in out and "routers" in out and "lm_head" in out
+
+
+def test_params_cli_config_file(tmp_path, capsys):
+    from moelab.config import save_config
+    cfg = PRESETS["deepseek-moe-16b"]()
+    save_config(cfg, tmp_path / "c.yaml")
+    assert main(["params", str(tmp_path / "c.yaml"), "--json", "--out", str(tmp_path / "o")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total_params"] == count_params(cfg).total_params
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["active_params"] == data["active_params"]
+
+
+def test_params_cli_bad_source(capsys):
+    assert main(["params", "mixtral-9x9b"]) == 2
+    err = capsys.readouterr().err
+    assert "mixtral-9x9b" in err and "mixtral-8x7b" in err and "Traceback" not in err
