@@ -2,6 +2,7 @@
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
 from moelab.errors import CheckpointError, ConfigError, MoelabError
+from moelab.loading import load
 from moelab.model import ModelOutput, MoETransformer, build_model
 from moelab.params import count_params
 from moelab.presets import get_preset
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
     "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "get_preset",
-    "load_config", "save_config",
+    "load", "load_config", "save_config",
 ]
