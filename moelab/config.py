@@ -21,7 +21,9 @@ import yaml
 from moelab.errors import ConfigError
 
 # Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
-ROUTER_TYPES = ("topk",)
+ROUTER_TYPES = ("topk", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
+DROP_PRIORITIES = ("position", "score")
+EXPERT_CHOICE_EVAL = ("topk", "batch")
 NORM_TYPES = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 QK_NORM_TYPES = ("none", "per_head", "full")
@@ -41,23 +43,64 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 @dataclass
 class RouterConfig:
-    """How tokens pick experts, and the balancing losses the router owns.
+    """How tokens pick experts, the capacity of each expert, and the balancing losses.
 
     ``type="topk"`` is token-choice softmax top-k in its two standard forms:
     - ``softmax_order="topk_then_softmax"`` (Mixtral): top-k over the logits, softmax over those k.
     - ``softmax_order="softmax_then_topk"`` (Switch, GShard, Qwen-MoE, DeepSeekMoE): softmax over all
       experts, then top-k; ``norm_topk_prob`` renormalises the k gates to sum to 1 (otherwise they
       sum to < 1 on purpose).
+    Other families (one file each under ``moelab/moe/routers/``): ``switch`` (Switch top-1, needs
+    ``top_k=1``), ``noisy_topk`` (Shazeer 2017), ``expert_choice`` (Zhou 2022), ``top_p`` (Huang 2024;
+    ``top_k`` is only the nominal budget), ``deepseek_v2`` (softmax, group-limited, scaled) and
+    ``deepseek_v3`` (sigmoid, top-k on s + bias, aux-loss-free bias).
+    Every loss coefficient is 0 = off; each loss is logged under its own name in ``aux_losses``.
     """
 
     type: str = "topk"
     top_k: int = 2
     softmax_order: str = "topk_then_softmax"
-    norm_topk_prob: bool = False
+    # None: the router family's default (False for topk / deepseek_v2, True for deepseek_v3 eq. 13).
+    norm_topk_prob: bool | None = None
     # Switch load-balancing loss alpha * E * sum_i f_i P_i (Fedus et al. eq. 4); 1e-2 in the paper.
     load_balance_coef: float = 0.01
     # ST-MoE router z-loss (1/T) sum_t logsumexp(logits_t)^2 (Zoph et al. §3); 1e-3 in the paper.
     z_loss_coef: float = 0.0
+    # Shazeer 2017 importance loss CV(sum_t gates_t)^2 (any router) and smooth load loss CV(Load)^2
+    # (noisy_topk only); 0.1 each in the paper (UNVERIFIED).
+    importance_loss_coef: float = 0.0
+    noisy_load_loss_coef: float = 0.0
+    # Huang et al. 2024 dynamic loss: mean per-token entropy of the router distribution; 1e-4.
+    entropy_loss_coef: float = 0.0
+    # DeepSeekMoE eq. 12-17 expert-level (alpha1) and device-level (alpha2) balance, DeepSeek-V2
+    # eq. 29-31 communication balance (alpha3): V2 uses 0.003 / 0.05 / 0.02. Devices = ``n_group``.
+    expert_balance_coef: float = 0.0
+    device_balance_coef: float = 0.0
+    comm_balance_coef: float = 0.0
+    # DeepSeek-V3 eq. 17-20 sequence-wise balance loss, averaged over sequences; 1e-4 in V3.
+    seq_balance_coef: float = 0.0
+    # Expert groups (devices / nodes) of E / n_group contiguous experts: group-limited routing keeps
+    # the best ``topk_group`` groups (deepseek_v2 / deepseek_v3); the device and communication losses
+    # use the same groups.
+    n_group: int = 1
+    topk_group: int | None = None  # None: all groups (no limit)
+    routed_scaling_factor: float = 1.0  # DeepSeek: gates x this (V2-236B 16.0, V3 2.5)
+    # DeepSeek-V3 aux-loss-free balancing: after each optimizer step b += rate * sign(mean load - load)
+    # (``moelab.moe.update_router_biases(model)``); gamma = 0.001 in V3. 0: the bias stays as loaded.
+    bias_update_rate: float = 0.0
+    # Dynamic top-p threshold p (top_p router); 0.4 in Huang et al.'s code.
+    top_p: float = 0.4
+    # Capacity per expert = ceil(capacity_factor * tokens * top_k / E); None = dropless (token
+    # choice). Expert choice always uses it (None means 1.0). ST-MoE: 1.25 train / 2.0 eval.
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None  # in eval mode; None = dropless
+    # Which assignments an over-full expert keeps: "position" (earlier sequence positions first,
+    # Switch) or "score" (batch-prioritised routing, Riquelme et al. 2021: 1st choices before 2nd,
+    # higher router score first).
+    drop_priority: str = "position"
+    # Expert choice in eval mode: "topk" = causal token-choice top-k fallback (k = top_k, gates =
+    # softmax probs); "batch" = expert choice over the batch as in training (sees future tokens).
+    expert_choice_eval: str = "topk"
     # Training-only multiplicative input jitter U(1-eps, 1+eps) (Switch, Phi-3.5-MoE).
     jitter_eps: float = 0.0
     # Router logits are divided by this before any softmax.
@@ -72,6 +115,40 @@ class RouterConfig:
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ConfigError("router.jitter_eps", self.jitter_eps, "must be in [0, 1)")
         _positive("router.temperature", self.temperature)
+        for name in ("importance_loss_coef", "noisy_load_loss_coef", "entropy_loss_coef", "expert_balance_coef",
+                     "device_balance_coef", "comm_balance_coef", "seq_balance_coef", "bias_update_rate"):
+            _positive(f"router.{name}", getattr(self, name), allow_zero=True)
+        _positive("router.routed_scaling_factor", self.routed_scaling_factor)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("router.top_p", self.top_p, "must be in (0, 1]")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) is not None:
+                _positive(f"router.{name}", getattr(self, name))
+        _choice("router.drop_priority", self.drop_priority, DROP_PRIORITIES)
+        _choice("router.expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
+        _positive("router.n_group", self.n_group)
+        if self.topk_group is not None:
+            _positive("router.topk_group", self.topk_group)
+            if self.topk_group > self.n_group:
+                raise ConfigError("router.topk_group", self.topk_group,
+                                  f"must be <= router.n_group={self.n_group} (groups kept out of n_group)")
+            if self.topk_group < self.n_group and self.type not in ("deepseek_v2", "deepseek_v3"):
+                raise ConfigError("router.topk_group", self.topk_group,
+                                  "group-limited routing needs router.type deepseek_v2 or deepseek_v3")
+        if self.type == "switch" and self.top_k != 1:
+            raise ConfigError("router.top_k", self.top_k,
+                              "router.type=switch is top-1: set top_k=1 (or use type=topk for k > 1)")
+        if self.noisy_load_loss_coef > 0 and self.type != "noisy_topk":
+            raise ConfigError("router.noisy_load_loss_coef", self.noisy_load_loss_coef,
+                              "the smooth load loss needs router.type=noisy_topk (its noise defines it)")
+        if self.bias_update_rate > 0 and self.type != "deepseek_v3":
+            raise ConfigError("router.bias_update_rate", self.bias_update_rate,
+                              "the aux-loss-free bias exists only for router.type=deepseek_v3")
+
+    @property
+    def topk_groups(self) -> int:
+        """Groups a token may use (``topk_group``, or all ``n_group``)."""
+        return self.n_group if self.topk_group is None else self.topk_group
 
 
 @dataclass
@@ -117,6 +194,18 @@ class MoEConfig:
                 "moe.router.top_k", self.router.top_k,
                 f"must be <= moe.num_experts={self.num_experts}; lower top_k or add experts",
             )
+        r, E = self.router, self.num_experts
+        if E % r.n_group:
+            raise ConfigError("moe.router.n_group", r.n_group, f"must divide moe.num_experts={E}")
+        if r.top_k > r.topk_groups * (E // r.n_group):
+            raise ConfigError("moe.router.topk_group", r.topk_groups,
+                              f"the kept groups hold {r.topk_groups * (E // r.n_group)} experts, fewer than "
+                              f"router.top_k={r.top_k}; raise topk_group or lower top_k")
+        if r.type == "expert_choice" and r.top_k * (r.capacity_factor or 1.0) > E:
+            raise ConfigError("moe.router.top_k", r.top_k,
+                              f"expert_choice gives each token top_k * capacity_factor = "
+                              f"{r.top_k * (r.capacity_factor or 1.0)} experts on average, more than "
+                              f"moe.num_experts={E}; lower router.top_k or router.capacity_factor")
 
     @property
     def shared_ffn_dim(self) -> int:
@@ -190,6 +279,8 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # Grok-1 scales the embeddings
     output_multiplier: float = 1.0  # Grok-1 scales the logits
     init_std: float = 0.02
+    # torch.utils.checkpoint around every block in training: recompute activations in backward.
+    activation_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig | None = field(default_factory=MoEConfig)
 

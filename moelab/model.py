@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.config import ModelConfig
 from moelab.layers.attention import Attention, KVCache, LayerKVCache
@@ -71,6 +72,8 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # per-block torch.utils.checkpoint in training; settable at run time (a training flag)
+        self.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
     @torch.no_grad()
@@ -89,6 +92,8 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
+        for layer in self.moe_layers():
+            layer.router.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
@@ -108,7 +113,10 @@ class MoETransformer(nn.Module):
             x_BTD = x_BTD * self.config.embedding_multiplier
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x_BTD, routing = block(x_BTD, cos_TD, sin_TD, positions_T, cache.layers[i] if cache else None)
+            if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x_BTD, routing = _checkpointed_block(block, x_BTD, cos_TD, sin_TD, positions_T)
+            else:
+                x_BTD, routing = block(x_BTD, cos_TD, sin_TD, positions_T, cache.layers[i] if cache else None)
             if routing is not None:
                 for name, value in routing.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
@@ -122,6 +130,26 @@ class MoETransformer(nn.Module):
                 labels[:, 1:].reshape(-1), ignore_index=-100)
             out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
         return out
+
+
+def _checkpointed_block(block: Block, *args):
+    """Run ``block`` under torch.utils.checkpoint (non-reentrant: the routing result passes through).
+    Backward runs the block a second time; its MoE layer records metrics and load counters only on
+    the first run, so nothing is counted twice (the bug class of Megatron-LM#1330). The RNG state is
+    restored for the rerun, so jitter and router noise are identical."""
+    runs = [0]
+
+    def run(*a):
+        runs[0] += 1
+        if runs[0] == 1 or not block.is_moe:
+            return block(*a)
+        block.ffn.record_stats = False
+        try:
+            return block(*a)
+        finally:
+            block.ffn.record_stats = True
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None,

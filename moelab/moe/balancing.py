@@ -1,16 +1,29 @@
-"""Load-balancing losses as pure functions (no state, no coefficients: the router applies those).
+"""Load-balancing losses as pure functions, their assembly by coefficient, and the bias balancer.
 
-Shape legend: T tokens, E experts, A assignments.
+Every loss function is unscaled (the coefficient is applied by :func:`add_aux_losses`) and takes
+plain tensors. Counts (f terms) carry no gradient; the mean-probability (P) terms do.
+
+Shape legend: T tokens, E experts, A assignments, B sequences, S positions per sequence, G groups.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from moelab.config import RouterConfig
+from moelab.moe.routing import Routing
 
 
 def expert_counts(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens routed to each expert, counting every one of a token's K slots: (E,) float."""
     return torch.bincount(expert_idx_A, minlength=num_experts).float()
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, population variance / mean^2 (0 when all equal)."""
+    x_E = x_E.float()
+    return x_E.var(unbiased=False) / x_E.mean().pow(2).clamp_min(1e-12)
 
 
 def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor) -> torch.Tensor:
@@ -30,3 +43,130 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor)
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE §3: (1/T) sum_t (log sum_j exp(logit_tj))^2, penalising large router logits."""
     return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+
+
+def importance_loss(weight_A: torch.Tensor, expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Shazeer et al. 2017 §4: CV(Importance)^2, Importance_i = sum over tokens of gate G(x)_i.
+    Minimum 0 when every expert receives the same total gate mass."""
+    importance_E = torch.zeros(num_experts, dtype=torch.float32, device=weight_A.device)
+    importance_E = importance_E.index_add(0, expert_idx_A, weight_A.float())
+    return cv_squared(importance_E)
+
+
+def noisy_load_loss(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor,
+                    top_k: int) -> torch.Tensor:
+    """Shazeer et al. 2017 Appendix A smooth load: CV(Load)^2 with Load_i = sum_x P(x, i),
+    P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_std_i), the probability that expert i
+    stays in the top k when only its own noise is redrawn. kth_excluding is the k-th largest of H
+    without i: the (k+1)-th largest of H when i is in the top k, else the k-th largest.
+    With k = E every expert is always selected: the load is constant and the loss is 0."""
+    E = noisy_TE.shape[-1]
+    if top_k >= E:
+        return clean_TE.new_zeros(())
+    top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values  # (T, k+1)
+    kth_in_T1, kth_out_T1 = top_TK1[:, top_k:top_k + 1], top_TK1[:, top_k - 1:top_k]
+    in_topk_TE = noisy_TE > kth_in_T1  # i is one of the k largest
+    threshold_TE = torch.where(in_topk_TE, kth_in_T1, kth_out_T1)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    prob_TE = normal.cdf((clean_TE - threshold_TE) / noise_std_TE)
+    return cv_squared(prob_TE.sum(dim=0))
+
+
+def entropy_loss(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Huang et al. 2024 dynamic loss: mean over tokens of -sum_i P_i log P_i (0 at one-hot P,
+    log E at uniform P). Minimising it sharpens P so top-p keeps few experts."""
+    p = probs_TE.float()
+    return -torch.special.xlogy(p, p).sum(dim=-1).mean()
+
+
+def expert_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_k: int) -> torch.Tensor:
+    """DeepSeekMoE eq. 12-14 (DeepSeek-V2 eq. 23-25): sum_i f_i P_i with f_i = E/(K T) * count_i
+    (1 for every expert at uniform routing) and P_i = (1/T) sum_t s_{i,t}; equals 1 at balance.
+    With A = T*K assignments this is exactly the Switch loss."""
+    T, E = probs_TE.shape
+    f_E = expert_counts(expert_idx_A, E) * (E / (top_k * max(T, 1)))
+    return torch.sum(f_E.detach() * probs_TE.float().mean(dim=0))
+
+
+def _group_sums(x_E: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return x_E.view(*x_E.shape[:-1], num_groups, x_E.shape[-1] // num_groups).sum(dim=-1)
+
+
+def device_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_k: int,
+                        num_groups: int) -> torch.Tensor:
+    """DeepSeekMoE eq. 15-17: experts split into D contiguous groups (devices);
+    sum_d f'_d P'_d with f'_d = mean_{j in d} f_j (f as in :func:`expert_balance_loss`) and
+    P'_d = sum_{j in d} P_j. Equals 1 at balance."""
+    T, E = probs_TE.shape
+    f_E = expert_counts(expert_idx_A, E) * (E / (top_k * max(T, 1)))
+    f_G = _group_sums(f_E, num_groups) / (E // num_groups)
+    P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
+    return torch.sum(f_G.detach() * P_G)
+
+
+def comm_balance_loss(probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
+                      num_groups: int, groups_per_token: int) -> torch.Tensor:
+    """DeepSeek-V2 eq. 29-31: sum_d f''_d P''_d with f''_d = D/(M T) * (tokens sent to device d,
+    each token counted once per device) and P''_d = sum_{j in d} P_j. Equals 1 when every device
+    receives M*T/D tokens and P is uniform."""
+    T, E = probs_TE.shape
+    group_A = expert_idx_A // (E // num_groups)
+    sent_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=probs_TE.device)
+    sent_TG[token_idx_A, group_A] = True
+    f_G = sent_TG.float().sum(dim=0) * (num_groups / (groups_per_token * max(T, 1)))
+    P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
+    return torch.sum(f_G.detach() * P_G)
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
+                          seq_len: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20, averaged over the B = T/seq_len sequences: per sequence,
+    sum_i f_i P_i with f_i = E/(K S) * (tokens of the sequence selecting i) and P_i the mean of the
+    scores normalised over all experts, s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Equals 1 at balance.
+    Tokens must be ordered sequence-major (row t belongs to sequence t // seq_len)."""
+    T, E = scores_TE.shape
+    B = T // seq_len
+    s = scores_TE.float()
+    P_BE = (s / s.sum(dim=-1, keepdim=True)).view(B, seq_len, E).mean(dim=1)
+    seq_expert_A = (token_idx_A // seq_len) * E + expert_idx_A
+    counts_BE = torch.bincount(seq_expert_A, minlength=B * E).view(B, E).float()
+    f_BE = counts_BE * (E / (top_k * seq_len))
+    return (f_BE.detach() * P_BE).sum(dim=-1).mean()
+
+
+def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int) -> None:
+    """Every balance loss whose coefficient is > 0, times that coefficient, into
+    ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
+    Computed on the router's choices before any capacity dropping (as Switch does)."""
+    E, K = routing.num_experts, cfg.top_k
+    losses = {
+        "load_balance": (cfg.load_balance_coef, lambda: switch_load_balance_loss(routing.probs_TE, routing.expert_idx_A)),
+        "z_loss": (cfg.z_loss_coef, lambda: router_z_loss(routing.logits_TE)),
+        "importance": (cfg.importance_loss_coef, lambda: importance_loss(routing.weight_A, routing.expert_idx_A, E)),
+        "entropy": (cfg.entropy_loss_coef, lambda: entropy_loss(routing.probs_TE)),
+        "expert_balance": (cfg.expert_balance_coef, lambda: expert_balance_loss(routing.probs_TE, routing.expert_idx_A, K)),
+        "device_balance": (cfg.device_balance_coef,
+                           lambda: device_balance_loss(routing.probs_TE, routing.expert_idx_A, K, cfg.n_group)),
+        "comm_balance": (cfg.comm_balance_coef, lambda: comm_balance_loss(
+            routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, cfg.n_group, cfg.topk_groups)),
+        "seq_balance": (cfg.seq_balance_coef, lambda: sequence_balance_loss(
+            routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len, K)),
+    }
+    for name, (coef, fn) in losses.items():
+        if coef > 0 and name not in routing.aux_losses:
+            routing.aux_losses[name] = coef * fn()
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module) -> int:
+    """Call after every ``optimizer.step()``: each MoE layer hands the load it counted in training
+    forwards since the last call to its router (DeepSeek-V3 aux-loss-free bias:
+    b += gamma * sign(mean load - load)) and resets its counter. Returns the number of MoE layers."""
+    from moelab.moe.layer import MoELayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_router_bias()
+            n += 1
+    return n

@@ -1,14 +1,77 @@
-"""Dropless dispatch: permute assignments by expert, run experts on contiguous slices, combine.
+"""Dispatch: optional capacity dropping, then permute assignments by expert, run experts on
+contiguous slices, and combine.
+
+Capacity (Switch eq. 3, GShard): C = ceil(capacity_factor * T * K / E) assignments per expert.
+An over-full expert keeps its C highest-priority assignments; the others are removed from the
+routing, so a token whose every assignment was dropped gets 0 from the MoE and its block output is
+the residual stream (Switch §2.2). Priorities:
+- "position": earlier sequence positions first (ties: earlier sequence of the batch); this is the
+  cumsum order of Switch/GShard and makes late tokens drop first (OpenMoE's finding).
+- "score": batch-prioritised routing (Riquelme et al. 2021 §4.1): every token's 1st choice before
+  any 2nd choice, and within a choice rank tokens by their top gate, highest first.
+A capacity that no expert exceeds keeps the routing unchanged, so dropless and capacity-with-no-
+overflow give bit-identical outputs.
 
 Shape legend: T tokens, D model dim, E experts, A assignments.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moelab.moe.experts import StackedExperts
 from moelab.moe.routing import Routing
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """C = ceil(capacity_factor * T * K / E)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def _stable_sort_by(perm_A: torch.Tensor, key_A: torch.Tensor) -> torch.Tensor:
+    """Reorder ``perm_A`` stably by ``key_A[perm_A]`` (apply least significant keys first)."""
+    return perm_A[torch.argsort(key_A[perm_A], stable=True)]
+
+
+def _rank_within_token(routing: Routing) -> torch.Tensor:
+    """(A,) 0 for each token's highest-weight assignment, 1 for its next, ..."""
+    A = routing.token_idx_A.numel()
+    perm = torch.arange(A, device=routing.token_idx_A.device)
+    perm = _stable_sort_by(perm, -routing.weight_A.detach())
+    perm = _stable_sort_by(perm, routing.token_idx_A)
+    counts_T = torch.bincount(routing.token_idx_A, minlength=routing.num_tokens)
+    start_T = counts_T.cumsum(0) - counts_T
+    rank_A = torch.empty_like(perm)
+    rank_A[perm] = torch.arange(A, device=perm.device) - start_T[routing.token_idx_A[perm]]
+    return rank_A
+
+
+def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: int) -> torch.Tensor:
+    """(A,) bool: which assignments fit in their expert's ``capacity``. Tokens are ordered
+    sequence-major (token t is position t % seq_len of sequence t // seq_len)."""
+    token_A, expert_A = routing.token_idx_A, routing.expert_idx_A
+    A = token_A.numel()
+    perm = torch.arange(A, device=token_A.device)
+    if priority == "position":
+        num_seqs = max(routing.num_tokens // seq_len, 1)
+        perm = _stable_sort_by(perm, (token_A % seq_len) * num_seqs + token_A // seq_len)
+    elif priority == "score":
+        w = routing.weight_A.detach()
+        top_gate_T = torch.full((routing.num_tokens,), float("-inf"), device=w.device)
+        top_gate_T = top_gate_T.scatter_reduce(0, token_A, w, reduce="amax")
+        perm = _stable_sort_by(perm, -top_gate_T[token_A])
+        perm = _stable_sort_by(perm, _rank_within_token(routing))
+    else:
+        raise ValueError(f"unknown drop priority {priority!r}")
+    perm = _stable_sort_by(perm, expert_A)  # grouped by expert, in priority order within
+    counts_E = torch.bincount(expert_A, minlength=routing.num_experts)
+    start_E = counts_E.cumsum(0) - counts_E
+    slot_sorted = torch.arange(A, device=perm.device) - start_E[expert_A[perm]]
+    keep_A = torch.empty(A, dtype=torch.bool, device=perm.device)
+    keep_A[perm] = slot_sorted < capacity
+    return keep_A
 
 
 def dispatch_combine(experts: StackedExperts, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:

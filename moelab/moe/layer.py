@@ -3,7 +3,19 @@
 y = sum_{e in routed(x)} g_e(x) E_e(x) + [sigmoid(x w_s)] * Shared(x)
 (DeepSeekMoE eq. 9-11 shared experts; Qwen2-MoE adds the sigmoid gate on the shared output.)
 
-The layer owns its metrics: after every forward ``last_counts_E`` holds the assignments per expert.
+Per forward: route, add every configured balance loss (by coefficient, before dropping), apply the
+train or eval capacity (``router.capacity_factor`` / ``router.eval_capacity_factor``), dispatch,
+combine. The layer never branches on router type.
+
+The layer owns its metrics (no globals). After every forward:
+- ``last_counts_E``: assignments routed to each expert (before capacity dropping), (E,) long.
+- ``last_metrics``: floats and small tensors, see :meth:`MoELayer._record`.
+- ``load_accum_E``: load summed over training forwards since the last ``update_router_bias()``,
+  which hands it to the router (DeepSeek-V3 bias) and resets it.
+``record_stats = False`` turns all three off; activation checkpointing sets it while a block is
+recomputed in backward so that nothing is counted twice.
+
+Shape legend: B batch, T positions, D model dim, E experts, A assignments.
 """
 
 from __future__ import annotations
@@ -13,8 +25,10 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.layers.mlp import GatedMLP
-from moelab.moe.dispatch import dispatch_combine
+from moelab.moe.balancing import add_aux_losses
+from moelab.moe.dispatch import capacity_keep_mask, dispatch_combine, expert_capacity
 from moelab.moe.experts import StackedExperts
+from moelab.moe.metrics import load_balance_metrics
 from moelab.moe.routing import Routing, build_router
 
 
@@ -24,21 +38,81 @@ class MoELayer(nn.Module):
         moe = cfg.moe
         assert moe is not None
         self.num_experts = moe.num_experts
+        self.router_cfg = moe.router
         self.router = build_router(moe.router, cfg.d_model, moe.num_experts)
         self.experts = StackedExperts(moe.num_experts, cfg.d_model, moe.expert_ffn_dim, cfg.activation)
         self.shared = GatedMLP(cfg.d_model, moe.shared_ffn_dim, cfg.activation) if moe.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if moe.shared_expert_gate else None
         self.last_counts_E: torch.Tensor | None = None
+        self.last_metrics: dict[str, float | torch.Tensor | None] = {}
+        self.record_stats = True
+        self.register_buffer("load_accum_E", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for a forward of ``num_tokens`` tokens in the current mode; None = dropless."""
+        cf = self.router_cfg.capacity_factor if self.training else self.router_cfg.eval_capacity_factor
+        return None if cf is None else expert_capacity(cf, num_tokens, self.router_cfg.top_k, self.num_experts)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
-        out_TD = dispatch_combine(self.experts, x_TD, routing)
+        add_aux_losses(self.router_cfg, routing, seq_len=T)
+        capacity = self.capacity(B * T)
+        kept = routing
+        if capacity is not None:
+            routing.kept_A = capacity_keep_mask(routing, capacity, self.router_cfg.drop_priority, seq_len=T)
+            kept = routing.select(routing.kept_A)
+        out_TD = dispatch_combine(self.experts, x_TD, kept)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
-        self.last_counts_E = routing.expert_counts().detach()
+        if self.record_stats:
+            self._record(routing, kept, T, capacity)
         return out_TD.view(B, T, D), routing
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, kept: Routing, seq_len: int, capacity: int | None) -> None:
+        """Metrics of this forward (REFERENCES §11):
+        tokens_per_expert (E,) and the load metrics of :func:`load_balance_metrics` (max_load_ratio,
+        max_vio, cv, dead_expert_frac) on the routed load; dropped_frac (dropped / routed
+        assignments); dropped_frac_by_position (seq_len,); experts_per_token_{mean,min,max} (routed,
+        before drops); no_expert_token_frac (tokens left with no expert after drops: expert choice,
+        dropping); router_entropy (mean per-token entropy of probs_TE); capacity (None = dropless)."""
+        counts_E = routing.expert_counts()
+        self.last_counts_E = counts_E
+        if self.training:
+            self.load_accum_E += counts_E
+        per_token_T = routing.experts_per_token().float()
+        kept_per_token_T = kept.experts_per_token()
+        pos_A = routing.token_idx_A % seq_len
+        routed_pos = torch.bincount(pos_A, minlength=seq_len).float()
+        if routing.kept_A is not None:
+            dropped_A = ~routing.kept_A
+            dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()
+            dropped_frac = dropped_A.float().mean().item() if dropped_A.numel() else 0.0
+        else:
+            dropped_pos = torch.zeros(seq_len, device=routed_pos.device)
+            dropped_frac = 0.0
+        p = routing.probs_TE.float()
+        self.last_metrics = {
+            "tokens_per_expert": counts_E,
+            **load_balance_metrics(counts_E),
+            "dropped_frac": dropped_frac,
+            "dropped_frac_by_position": dropped_pos / routed_pos.clamp_min(1),
+            "experts_per_token_mean": per_token_T.mean().item(),
+            "experts_per_token_min": per_token_T.min().item(),
+            "experts_per_token_max": per_token_T.max().item(),
+            "no_expert_token_frac": (kept_per_token_T == 0).float().mean().item(),
+            "router_entropy": (-torch.special.xlogy(p, p).sum(-1)).mean().item(),
+            "capacity": capacity,
+        }
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Give the router the load counted since the last call (then reset the counter). Called by
+        :func:`moelab.moe.balancing.update_router_biases` after each optimizer step."""
+        self.router.update_bias(self.load_accum_E)
+        self.load_accum_E.zero_()

@@ -23,9 +23,14 @@ class Routing:
     expert_idx_A: torch.Tensor  # long, which expert serves it
     weight_A: torch.Tensor  # fp32 combine weight of the expert's output
     logits_TE: torch.Tensor  # fp32 router logits (after temperature), for z-loss and analysis
-    probs_TE: torch.Tensor  # fp32 router scores over all experts (softmax for softmax routers)
+    # fp32 distribution over all experts used by the balance losses: the softmax for softmax routers,
+    # the sigmoid scores normalised to sum 1 for sigmoid routers (DeepSeek-V3 eq. 19)
+    probs_TE: torch.Tensor
     num_experts: int
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted by their coefficients
+    scores_TE: torch.Tensor | None = None  # raw affinities when they are not probs_TE (V3: sigmoid)
+    # set by the MoE layer when a capacity applies: which assignments survived (bool, (A,))
+    kept_A: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +48,15 @@ class Routing:
         """(E,) number of assignments per expert."""
         return torch.bincount(self.expert_idx_A, minlength=self.num_experts)
 
+    def experts_per_token(self) -> torch.Tensor:
+        """(T,) number of experts each token was routed to (0..E for expert choice)."""
+        return torch.bincount(self.token_idx_A, minlength=self.num_tokens)
+
+    def select(self, mask_A: torch.Tensor) -> Routing:
+        """The routing with only the assignments where ``mask_A`` is true (same order), no losses."""
+        return Routing(self.token_idx_A[mask_A], self.expert_idx_A[mask_A], self.weight_A[mask_A], self.logits_TE,
+                       self.probs_TE, self.num_experts, scores_TE=self.scores_TE)
+
 
 class Router(nn.Module):
     """Base class: a router maps x_TD to a Routing. ``weight`` is the (E, D) gate matrix."""
@@ -57,6 +71,15 @@ class Router(nn.Module):
     def active_experts_per_token(self) -> int:
         """Routed experts a token uses (on average), for the active-parameter count."""
         return self.cfg.top_k
+
+    def reset_extra_parameters(self) -> None:
+        """Called after the model's generic init: routers whose extra parameters need a specific
+        init (Shazeer's W_noise starts at zero) override this."""
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Post-optimizer-step bias update from the load counted since the last call; only routers
+        with a selection bias (DeepSeek-V3 aux-loss-free balancing) override this."""
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32 (Switch 'selective precision'), with jitter and temperature."""

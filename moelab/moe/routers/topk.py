@@ -28,13 +28,25 @@ class TopKRouter(Router):
             weight_TK, topk_idx_TK = probs_TE.topk(K, dim=-1)
             if self.cfg.norm_topk_prob:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        routing = Routing.from_topk(topk_idx_TK, weight_TK, logits_TE, probs_TE)
-        add_standard_losses(self, routing)
-        return routing
+        return Routing.from_topk(topk_idx_TK, weight_TK, logits_TE, probs_TE)
+
+
+@register_router("switch")
+class SwitchRouter(Router):
+    """Switch Transformer top-1 (Fedus et al. 2021 §2.1): p = softmax(logits) over E, the token goes
+    to argmax p with gate p_i* (kept, not renormalised to 1, so the router gets a gradient)."""
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)  # (T, E) fp32
+        probs_TE = logits_TE.softmax(dim=-1)
+        weight_T1, idx_T1 = probs_TE.max(dim=-1, keepdim=True)
+        return Routing.from_topk(idx_T1, weight_T1, logits_TE, probs_TE)
 
 
 def add_standard_losses(router: Router, routing: Routing) -> None:
-    """Switch load-balance and ST-MoE z-loss, each times its coefficient, when the coefficient > 0."""
+    """Switch load-balance and ST-MoE z-loss, each times its coefficient, when the coefficient > 0.
+    Routers need not call this: the MoE layer adds every configured loss
+    (:func:`moelab.moe.balancing.add_aux_losses`) and keeps the ones already present."""
     cfg = router.cfg
     if cfg.load_balance_coef > 0:
         routing.aux_losses["load_balance"] = cfg.load_balance_coef * switch_load_balance_loss(

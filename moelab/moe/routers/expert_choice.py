@@ -1,0 +1,59 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing", §3).
+
+S = softmax(X W_g) over experts, (T, E). Each expert takes the C tokens with the highest score for
+it: G, I = TopK(S^T, C) (top-C along tokens), and token t's output is sum over (e, j) with
+I[e, j] = t of G[e, j] * FFN_e(x_t). Every expert gets exactly C tokens (balanced by construction,
+no aux loss needed); a token gets 0..E experts, 0 meaning its output is the residual alone.
+
+Capacity: C = ceil(capacity_factor * T * top_k / E) (the same formula as token-choice capacity),
+capped at T; ``capacity_factor`` None means 1.0. On average a token then uses top_k *
+capacity_factor experts (Zhou's "EC-CF2" = top_k 2, capacity_factor 1.0), which is what the
+active-parameter count uses, rounded.
+
+NOTE causality leak: the top-C over tokens compares a token with every other token of the batch,
+future positions included, so a token's routing depends on tokens after it. Training is fine, but
+an autoregressive model cannot do that at generation time. moelab's rule
+(``RouterConfig.expert_choice_eval``):
+- "topk" (default): in eval mode (``model.eval()``: validation and generation) every token uses
+  causal token-choice top-k with k = top_k over the same softmax S, gates = the raw S values
+  (the values expert choice would have used as G). Eval loss is therefore measured causally.
+- "batch": eval uses expert choice over the batch as in training; non-causal, documented as such.
+
+Shape legend: T tokens, E experts, C capacity per expert, A assignments (E*C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moelab.moe.routing import Router, Routing, register_router
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+    @property
+    def capacity_factor(self) -> float:
+        return 1.0 if self.cfg.capacity_factor is None else self.cfg.capacity_factor
+
+    @property
+    def active_experts_per_token(self) -> int:
+        """top_k * capacity_factor experts per token on average, rounded, in [1, E]."""
+        return min(self.num_experts, max(1, round(self.cfg.top_k * self.capacity_factor)))
+
+    def capacity(self, num_tokens: int) -> int:
+        """C = ceil(capacity_factor * T * top_k / E), at most T."""
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.cfg.top_k / self.num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)  # (T, E) fp32
+        probs_TE = logits_TE.softmax(dim=-1)
+        if not self.training and self.cfg.expert_choice_eval == "topk":
+            weight_TK, topk_idx_TK = probs_TE.topk(self.cfg.top_k, dim=-1)  # causal fallback
+            return Routing.from_topk(topk_idx_TK, weight_TK, logits_TE, probs_TE)
+        T, E = probs_TE.shape
+        C = self.capacity(T)
+        gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)  # each expert's top-C tokens
+        expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(C)  # (E*C,)
+        return Routing(token_EC.reshape(-1), expert_A, gate_EC.reshape(-1), logits_TE, probs_TE, num_experts=E)
