@@ -1,7 +1,7 @@
 """``moelab.load(path)``: one entry point for every kind of saved model.
 
-Accepts a moelab model/checkpoint directory (config.yaml + model.safetensors). Hugging Face model
-directories and training run directories are added by the interop and training modules.
+Accepts a moelab model/checkpoint directory (config.yaml + model.safetensors) and a training run
+directory (its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +21,29 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if (path / "checkpoints").is_dir():  # a training run: its latest checkpoint
+        return load_model(resolve_checkpoint(path), dtype=dtype, device=device)
     if (path / CONFIG).is_file():
         return load_model(path, dtype=dtype, device=device)
     raise CheckpointError(f"{path}: not a moelab model directory (no {CONFIG})")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory -> its latest complete checkpoint; a checkpoint directory -> itself."""
+    from moelab.train.checkpoint import check_complete, latest_checkpoint
+
+    path = Path(path)
+    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    check_complete(ckpt)
+    return ckpt
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a model: ``tokenizer.json`` in the checkpoint, run or model directory."""
+    from moelab.data import Tokenizer
+
+    path = Path(path)
+    for candidate in ((path / "checkpoints").is_dir() and resolve_checkpoint(path), path):
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return Tokenizer.load(Path(candidate) / "tokenizer.json")
+    raise CheckpointError(f"{path}: no tokenizer.json; generation needs the tokenizer saved with the model")

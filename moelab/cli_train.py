@@ -1,0 +1,137 @@
+"""CLI commands for training, generation and run reports: `moelab train | generate | report`.
+
+`moelab train` builds its flags from the run config dataclasses with tyro: every field of
+TrainConfig and of the nested ModelConfig is a flag (``--steps``, ``--model.moe.num-experts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moelab.errors import MoelabError
+
+TRAIN_EPILOG = """examples:
+  moelab train --preset tiny --steps 300 --out runs/tiny
+  moelab train --config run.yaml --out runs/exp1 --lr 1e-3 --model.moe.router.top-k 1
+  moelab train --resume runs/tiny --steps 600     # continue exactly where it stopped
+
+Every field of the run config is a flag; `moelab train --help` lists them all below."""
+
+
+def register(sub, formatter) -> None:
+    p = sub.add_parser("train", help="train a model on the built-in corpus or your data", add_help=False,
+                       formatter_class=formatter, allow_abbrev=False, epilog=TRAIN_EPILOG,
+                       description="Train an MoE language model; writes metrics, checkpoints and a tokenizer to --out.")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and every config flag")
+    p.add_argument("--preset", help="model preset to start from (default: tiny)")
+    p.add_argument("--config", help="YAML/JSON run config (train fields + `model:`) or a bare model config")
+    p.add_argument("--out", help="run directory to create (must not exist or be empty)")
+    p.add_argument("--resume", help="run directory to continue from its latest checkpoint")
+    p.add_argument("--report", action="store_true", help="write the run report when training ends")
+    p.set_defaults(func=cmd_train, allow_extra=True, parser=p)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint or run", formatter_class=formatter,
+                       description="Sample a continuation with a KV cache.",
+                       epilog='example:\n  moelab generate runs/tiny --prompt "def main(" --max-new-tokens 64')
+    p.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("report", help="write report.md/.html with plots for a training run", formatter_class=formatter,
+                       epilog="example:\n  moelab report runs/tiny")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--json", action="store_true", help="print the report numbers as JSON")
+    p.set_defaults(func=cmd_report)
+
+
+def _base_config(args):
+    from moelab.config import load_config
+    from moelab.presets import get_preset
+    from moelab.train import TrainConfig
+    from moelab.train.trainer import RUN_CONFIG
+
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise MoelabError("--resume continues the run in place; drop --out or make it equal to --resume")
+        path = Path(args.resume) / RUN_CONFIG
+        if not path.is_file():
+            raise MoelabError(f"--resume {args.resume}: no {RUN_CONFIG}; not a moelab run directory")
+        base = TrainConfig.load(path)
+    elif args.config:
+        try:
+            base = TrainConfig.load(Path(args.config))
+        except ValueError:
+            base = TrainConfig(model=load_config(args.config))
+    else:
+        base = TrainConfig()
+    if args.preset:
+        base.model = get_preset(args.preset)
+    return base
+
+
+def parse_train_config(args, extra: list[str]):
+    import tyro
+
+    from moelab.train import TrainConfig
+
+    base = _base_config(args)
+    return tyro.cli(TrainConfig, default=base, args=extra, prog="moelab train",
+                    config=(tyro.conf.AvoidSubcommands,))
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    if args.help:
+        args.parser.print_help()
+        print("\nconfig flags:")
+        parse_train_config(argparse.Namespace(resume=None, config=None, preset=None, out=None), ["--help"])
+        return 0
+    from moelab.train import train
+
+    cfg = parse_train_config(args, extra)
+    run_dir = args.resume or args.out
+    if not run_dir:
+        raise MoelabError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+    result = train(cfg, run_dir, resume=bool(args.resume))
+    print(f"trained to step {result.final_step}: val loss {result.val.get('val_loss', float('nan')):.4f} "
+          f"(ppl {result.val.get('val_ppl', float('nan')):.2f}); unigram entropy {result.unigram_entropy:.4f} nats")
+    if args.report:
+        from moelab.report import write_run_report
+
+        print(f"report: {write_run_report(run_dir)['md']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from moelab.generate import generate
+    from moelab.loading import load, load_tokenizer
+
+    model = load(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                    args.top_p, args.seed, use_cache=not args.no_cache)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "completion": text, "seed": args.seed}))
+    else:
+        sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from moelab.report import write_run_report
+
+    paths = write_run_report(args.run)
+    if args.json:
+        print(paths["json"].read_text())
+    else:
+        print(f"wrote {paths['md']} and {paths['html']}")
+    return 0

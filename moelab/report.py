@@ -1,0 +1,208 @@
+"""Reports: markdown + HTML pages with PNG plots (matplotlib, Agg), shared by runs and experiments.
+
+``write_run_report(run_dir)`` reads ``metrics.jsonl`` and ``config.yaml`` of a training run and writes
+``report.md``, ``report.html``, ``report.json`` (every number shown) and ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moelab.errors import MoelabError  # noqa: E402
+
+
+# ---- generic building blocks (also used by experiment reports) ---------------------------------------
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_to_html(title: str, markdown: str) -> str:
+    """A small converter for the markdown moelab writes: headings, tables, images, code blocks, text."""
+    out, in_code, in_table = [], False, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= set("-:") for c in cells):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            out.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}" width="720"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:900px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}pre{background:#f4f4f4;padding:8px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: Path, title: str, markdown: str, result: dict) -> dict[str, Path]:
+    """report.md, report.html and report.json (``result``: every number shown) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "report.json"}
+    write_text_atomic(paths["md"], markdown)
+    write_text_atomic(paths["html"], markdown_to_html(title, markdown))
+    write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
+    return paths
+
+
+# ---- run report -----------------------------------------------------------------------------------
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def run_plots(train: list[dict], evals: list[dict], plot_dir: Path) -> dict[str, Path]:
+    plots = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(train, "lm_loss"), label="train LM loss", alpha=0.7)
+    if evals:
+        ax.plot(*_series(evals, "val_loss"), "o-", label="validation loss")
+    ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.legend(), ax.grid(alpha=0.3)
+    plots["loss"] = save_figure(fig, plot_dir / "loss.png")
+
+    if evals and evals[-1].get("domains"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for dom in evals[-1]["domains"]:
+            steps = [e["step"] for e in evals if dom in e.get("domains", {})]
+            ax.plot(steps, [e["domains"][dom]["ppl"] for e in evals if dom in e.get("domains", {})], "o-", label=dom)
+        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("validation perplexity")
+        ax.legend(), ax.grid(alpha=0.3)
+        plots["domain_ppl"] = save_figure(fig, plot_dir / "val_ppl_by_domain.png")
+
+    loads = [r for r in train if r.get("load")]
+    if loads:
+        n_layers = len(loads[0]["load"])
+        fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.8 * n_layers + 0.8), squeeze=False)
+        steps = [r["step"] for r in loads]
+        for li in range(n_layers):
+            mat = [[r["load"][li][e] for r in loads] for e in range(len(loads[0]["load"][li]))]  # (E, steps)
+            im = axes[li, 0].imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest",
+                                    extent=[steps[0], steps[-1], len(mat) - 0.5, -0.5])
+            axes[li, 0].set_ylabel(f"MoE layer {li}\nexpert")
+            fig.colorbar(im, ax=axes[li, 0], label="load fraction")
+        axes[-1, 0].set_xlabel("step")
+        plots["expert_load"] = save_figure(fig, plot_dir / "expert_load.png")
+
+    aux_names = sorted({k for r in train for k in r.get("aux", {})})
+    if aux_names:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name in aux_names:
+            ax.plot([r["step"] for r in train if name in r["aux"]], [r["aux"][name] for r in train if name in r["aux"]],
+                    label=name)
+        ax.set_xlabel("step"), ax.set_ylabel("weighted aux loss"), ax.legend(), ax.grid(alpha=0.3)
+        plots["aux"] = save_figure(fig, plot_dir / "aux_losses.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(*_series(train, "tokens_per_s"))
+    ax.set_xlabel("step"), ax.set_ylabel("tokens / s"), ax.grid(alpha=0.3)
+    plots["throughput"] = save_figure(fig, plot_dir / "tokens_per_s.png")
+    return plots
+
+
+def write_run_report(run_dir: str | Path) -> dict[str, Path]:
+    from moelab.train.trainer import RUN_CONFIG, read_metrics
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    meta = next((r for r in records if r.get("kind") == "meta"), {})
+    if not train:
+        raise MoelabError(f"{run_dir}: metrics.jsonl has no training step yet; nothing to report")
+    cfg_text = (run_dir / RUN_CONFIG).read_text() if (run_dir / RUN_CONFIG).is_file() else ""
+    plots = run_plots(train, evals, run_dir / "plots")
+
+    last, last_eval = train[-1], (evals[-1] if evals else {})
+    tps = sorted(r["tokens_per_s"] for r in train)
+    result = {
+        "final_step": last["step"], "final_train_lm_loss": last["lm_loss"], "final_train_loss": last["loss"],
+        "final_aux_losses": last.get("aux", {}), "unigram_entropy": meta.get("unigram_entropy"),
+        "val_loss": last_eval.get("val_loss"), "val_ppl": last_eval.get("val_ppl"),
+        "val_domains": last_eval.get("domains", {}), "median_tokens_per_s": tps[len(tps) // 2],
+        "final_load": last.get("load"), "final_max_load": last.get("max_load"),
+        "eval_history": [{"step": e["step"], "val_loss": e["val_loss"]} for e in evals],
+    }
+    md = [f"# moelab run report: {run_dir.name}", ""]
+    rows = [["final step", last["step"]], ["train LM loss (last step)", last["lm_loss"]],
+            ["validation loss", last_eval.get("val_loss", float("nan"))],
+            ["validation perplexity", last_eval.get("val_ppl", float("nan"))],
+            ["unigram entropy of the training tokens (nats)", meta.get("unigram_entropy", float("nan"))],
+            ["median tokens/s", result["median_tokens_per_s"]],
+            ["max/mean expert load (last step, worst layer)", last.get("max_load", float("nan"))]]
+    rows += [[f"aux loss {k} (last step)", v] for k, v in last.get("aux", {}).items()]
+    md += ["## Final numbers", "", md_table(["metric", "value"], rows), ""]
+    if result["val_domains"]:
+        md += ["## Validation by domain", "",
+               md_table(["domain", "loss", "perplexity", "tokens"],
+                        [[d, v["loss"], v["ppl"], v["tokens"]] for d, v in result["val_domains"].items()]), ""]
+    if evals:
+        md += ["## Validation over training", "",
+               md_table(["step", "val loss", "val ppl"], [[e["step"], e["val_loss"], e["val_ppl"]] for e in evals]), ""]
+    if last.get("load"):
+        E = len(last["load"][0])
+        md += ["## Expert load at the last step (fraction of assignments)", "",
+               md_table(["MoE layer"] + [f"e{i}" for i in range(E)],
+                        [[i] + row for i, row in enumerate(last["load"])]), ""]
+    titles = {"loss": "Loss", "domain_ppl": "Validation perplexity by domain", "expert_load": "Expert load over training",
+              "aux": "Aux losses", "throughput": "Throughput"}
+    md += ["## Plots", ""]
+    for key, path in plots.items():
+        md += [f"### {titles[key]}", "", f"![{titles[key]}]({path.relative_to(run_dir)})", ""]
+    md += ["## Resolved config", "", "```yaml", cfg_text.rstrip(), "```", ""]
+    paths = write_report(run_dir, f"moelab run {run_dir.name}", "\n".join(md), result)
+    return {**paths, **{f"plot_{k}": v for k, v in plots.items()}}
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,6 @@
+"""Training: run config, optimizer and schedule, checkpoints with exact resume, metrics, the loop."""
+
+from moelab.train.config import TrainConfig
+from moelab.train.trainer import Trainer, train
+
+__all__ = ["TrainConfig", "Trainer", "train"]

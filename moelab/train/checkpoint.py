@@ -1,0 +1,103 @@
+"""Checkpoints: a directory per step, written to a temp dir and renamed, so none is ever half-written.
+
+``checkpoints/step_000100/`` holds
+- ``model.safetensors`` + ``config.yaml`` (the model: ``moelab.load`` reads these),
+- ``run_config.yaml`` (the whole run config) and ``tokenizer.json``,
+- ``trainer_state.pt`` (optimizer, scheduler and RNG states; tensors and plain Python values only,
+  read back with ``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.errors import CheckpointError
+from moelab.serialization import CONFIG, WEIGHTS, atomic_directory, write_model_files
+
+CHECKPOINTS = "checkpoints"
+STATE_PT = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+REQUIRED = (CONFIG, WEIGHTS, "run_config.yaml", "tokenizer.json", STATE_PT, STATE_JSON)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    index: int = 0  # next row of this epoch's permutation
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (temp dirs are never listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        raise CheckpointError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/; train with --save-every or let a run finish")
+    return dirs[-1]
+
+
+def check_complete(ckpt: Path) -> None:
+    missing = [name for name in REQUIRED if not (ckpt / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt}: checkpoint is missing {', '.join(missing)}; "
+                              "resume from an earlier checkpoint (delete this one) or retrain")
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: DataPosition,
+                    run_config, tokenizer, keep_last: int, extra: dict | None = None) -> Path:
+    target = Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+    with atomic_directory(target) as tmp:
+        write_model_files(model, tmp)
+        run_config.save(tmp / "run_config.yaml")
+        tokenizer.save(tmp / "tokenizer.json")
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": _python_rng_state(),
+        }
+        torch.save(state, tmp / STATE_PT)
+        meta = {"step": step, "epoch": position.epoch, "index": position.index, **(extra or {})}
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_trainer_state(ckpt: Path) -> tuple[dict, dict]:
+    """(tensor state, json meta) of a checkpoint; never unpickles arbitrary objects."""
+    check_complete(ckpt)
+    try:
+        state = torch.load(ckpt / STATE_PT, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(f"{ckpt / STATE_PT}: unreadable trainer state ({e}); it may be truncated") from e
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from e
+    return state, meta
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]

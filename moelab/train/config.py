@@ -1,0 +1,102 @@
+"""The run config: training settings plus the model config, saved as ``config.yaml`` in every run.
+
+Every field is a command-line flag (``--steps``, ``--lr``, ``--model.moe.num-experts`` ...), generated
+from these dataclasses by tyro.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moelab.config import ModelConfig, _from_dict
+from moelab.errors import ConfigError
+from moelab.presets import tiny
+
+# Fields that may change when a run is resumed: they do not change the computation of past steps.
+RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``, gradient clipping and
+    accumulation, periodic validation per domain and checkpoints."""
+
+    model: ModelConfig = field(default_factory=tiny)
+    data: str = "builtin"  # "builtin", a .txt file, a directory of text files, or a .jsonl with `text`
+    steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8  # validation micro-batches per domain-wide evaluation
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, getattr(self, name), "must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError("lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError("seq_len", self.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "")
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        if not Path(path).is_file():
+            raise ConfigError("config", str(path), "file not found")
+        data = yaml.safe_load(Path(path).read_text())
+        if isinstance(data, dict) and "model" not in data and "vocab_size" in data:
+            return cls(model=ModelConfig.from_dict(data))  # a bare model config
+        return cls.from_dict(data)
+
+
+def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted names of the fields that differ between two run configs."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix.rstrip("."))
+
+    walk(a.to_dict(), b.to_dict(), "")
+    return out

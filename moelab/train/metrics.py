@@ -1,0 +1,72 @@
+"""Training metrics: expert-load statistics and the JSONL log (TensorBoard as an optional extra sink).
+
+Load statistics per MoE layer from the assignment counts c_e of a step (REFERENCES §11):
+fraction c_e / sum c, max/mean load = max_e c_e / mean c (= 1 + MaxVio), coefficient of variation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moelab.errors import MoelabError
+
+
+def load_stats(counts: list[torch.Tensor]) -> dict:
+    """Per-layer load fractions and imbalance from per-layer assignment counts (E,)."""
+    if not counts:
+        return {}
+    fractions, max_mean, cv = [], [], []
+    for c in counts:
+        c = c.double()
+        fractions.append([round(float(v), 6) for v in c / c.sum()])
+        max_mean.append(float(c.max() / c.mean()))
+        cv.append(float(c.std(unbiased=False) / c.mean()))
+    return {"load": fractions, "max_load_per_layer": max_mean, "max_load": max(max_mean),
+            "mean_max_load": sum(max_mean) / len(max_mean), "load_cv": sum(cv) / len(cv)}
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, records after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, truncate_after: int = 0, tensorboard: bool = False):
+        self.path = path
+        if truncate_after and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.file = open(path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise MoelabError("--tensorboard needs the tensorboard package: pip install 'moelab[tensorboard]'") from e
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key, value in _scalars(record):
+                self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalars(record: dict, prefix: str = ""):
+    for k, v in record.items():
+        if isinstance(v, bool) or k in ("kind", "step"):
+            continue
+        if isinstance(v, (int, float)):
+            yield prefix + k, v
+        elif isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")

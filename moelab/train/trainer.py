@@ -1,0 +1,276 @@
+"""The training loop: data, AdamW + warmup/cosine, accumulation, clipping, metrics, eval, checkpoints.
+
+A run directory holds ``config.yaml`` (the run config), ``tokenizer.json``, ``metrics.jsonl`` (one
+record per step and per evaluation) and ``checkpoints/step_NNNNNN/``. A run resumed from step s
+continues bit-identically (on CPU) to one that never stopped: model, optimizer, scheduler, RNG and
+data position are all restored, and metrics after step s are discarded before continuing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
+from moelab.data import PackedData, unigram_entropy
+from moelab.errors import ConfigError, MoelabError
+from moelab.model import MoETransformer, build_model
+from moelab.moe.balancing import update_router_biases
+from moelab.serialization import load_state_strict, read_weights
+from moelab.train.checkpoint import (
+    DataPosition,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng,
+    save_checkpoint,
+)
+from moelab.train.config import RESUMABLE_FIELDS, TrainConfig, config_differences
+from moelab.train.metrics import MetricsLog, load_stats
+
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "config.yaml"
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``cfg.steps``."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class Batches:
+    """Deterministic sampling: epoch e visits rows in randperm(N, seed + e); the position is saved."""
+
+    def __init__(self, data: PackedData, batch_size: int, seed: int, position: DataPosition):
+        self.data, self.batch_size, self.seed, self.pos = data, batch_size, seed, position
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm_epoch != self.pos.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pos.epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data.input_ids), generator=g), self.pos.epoch
+        return self._perm
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        while len(rows) < self.batch_size:
+            perm = self._permutation()
+            take = min(self.batch_size - len(rows), len(perm) - self.pos.index)
+            rows.extend(perm[self.pos.index:self.pos.index + take].tolist())
+            self.pos.index += take
+            if self.pos.index >= len(perm):
+                self.pos.epoch, self.pos.index = self.pos.epoch + 1, 0
+        idx = torch.tensor(rows)
+        return self.data.input_ids[idx], self.data.labels[idx]
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batches: int) -> dict:
+    """Validation loss and perplexity, overall and per domain of the predicted token."""
+    was_training = model.training
+    model.eval()
+    n_dom = len(data.domains)
+    loss_sum = torch.zeros(n_dom, dtype=torch.float64)
+    count = torch.zeros(n_dom, dtype=torch.float64)
+    rows = min(len(data.input_ids), batch_size * max_batches)
+    for start in range(0, rows, batch_size):
+        ids = data.input_ids[start:min(start + batch_size, rows)]
+        labels = data.labels[start:min(start + batch_size, rows)]
+        dom = data.domain_ids[start:min(start + batch_size, rows)]
+        logits = model(ids).logits[:, :-1].float()
+        target, target_dom = labels[:, 1:], dom[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                             ignore_index=-100, reduction="none").double()
+        valid = (target.reshape(-1) != -100) & (target_dom.reshape(-1) >= 0)
+        d = target_dom.reshape(-1)[valid]
+        loss_sum.index_add_(0, d, ce[valid])
+        count.index_add_(0, d, torch.ones_like(ce[valid]))
+    model.train(was_training)
+    total = float(loss_sum.sum() / count.sum().clamp(min=1))
+    per_domain = {name: {"loss": float(loss_sum[i] / count[i]), "ppl": math.exp(float(loss_sum[i] / count[i])),
+                         "tokens": int(count[i])}
+                  for i, name in enumerate(data.domains) if count[i] > 0}
+    return {"val_loss": total, "val_ppl": math.exp(total), "domains": per_domain, "val_tokens": int(count.sum())}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_step: int
+    train_loss: float
+    val: dict
+    unigram_entropy: float
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        if resume:
+            self._check_resume()
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise MoelabError(f"{self.run_dir} already exists and is not empty; pass --resume {self.run_dir} "
+                              "to continue it, or choose another --out")
+
+    def _check_resume(self) -> None:
+        path = self.run_dir / RUN_CONFIG
+        if not path.is_file():
+            raise MoelabError(f"--resume {self.run_dir}: no {RUN_CONFIG} there; not a moelab run directory")
+        saved = TrainConfig.load(path)
+        diff = [d for d in config_differences(saved, self.cfg) if d not in RESUMABLE_FIELDS]
+        if diff:
+            raise ConfigError(", ".join(diff), "changed",
+                              f"differs from the run being resumed ({path}); resume with the same config "
+                              f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new --out")
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        corpus = load_corpus(cfg.data, seed=cfg.seed)
+        tok_path = self.run_dir / "tokenizer.json"
+        if self.resume and tok_path.is_file():
+            self.tokenizer = Tokenizer.load(tok_path)
+        else:
+            self.tokenizer = train_tokenizer((d.text for d in corpus.train), cfg.model.vocab_size, seed=cfg.seed)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                              f"the tokenizer has {self.tokenizer.vocab_size} tokens; raise model.vocab_size")
+        self.train_data, self.val_data = prepare_data(corpus, self.tokenizer, cfg.seq_len)
+        if len(self.train_data.input_ids) == 0:
+            raise MoelabError(f"data {cfg.data!r}: no training sequences; the corpus is too small for seq_len")
+        self.entropy = unigram_entropy(self.train_data)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.step, self.position = 0, DataPosition()
+        if self.resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            state, meta = load_trainer_state(ckpt)
+            load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)  # new total steps may extend the schedule
+            restore_rng(state)
+            self.step, self.position = meta["step"], DataPosition(meta["epoch"], meta["index"])
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def train_step(self, batches: Batches) -> dict:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        counts = None
+        for _ in range(cfg.grad_accum):
+            ids, labels = batches.next()
+            out = model(ids, labels=labels)
+            (out.loss / cfg.grad_accum).backward()
+            for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
+            counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_router_biases(model)  # e.g. DeepSeek-V3's aux-loss-free bias, after the step
+        self.step += 1
+        tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        record = {"kind": "train", "step": self.step, **{k: sums[k] for k in ("loss", "lm_loss")},
+                  "aux": {k: v for k, v in sums.items() if k not in ("loss", "lm_loss")},
+                  "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        record.update(load_stats(counts or []))
+        return record
+
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_data()
+        self._setup_model()
+        if not self.resume:
+            cfg.save(self.run_dir / RUN_CONFIG)
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+        log = MetricsLog(self.run_dir / METRICS, truncate_after=self.step if self.resume else 0,
+                         tensorboard=cfg.tensorboard)
+        if not self.resume:
+            log.write({"kind": "meta", "step": 0, "unigram_entropy": self.entropy,
+                       "train_sequences": len(self.train_data.input_ids), "val_sequences": len(self.val_data.input_ids),
+                       "domains": self.train_data.domains})
+        batches = Batches(self.train_data, cfg.batch_size, cfg.seed, self.position)
+        bar = _progress(cfg, self.step)
+        record, val = None, {}
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step(batches)
+                log.write(record)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    val = self._eval(log)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self._save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    imb=f"{record.get('max_load', 0):.2f}",
+                                    **{k: f"{v:.4f}" for k, v in record["aux"].items()})
+            val = self._eval(log)
+            self._save()
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        last = record["lm_loss"] if record else float("nan")
+        return RunResult(self.run_dir, self.step, last, val, self.entropy)
+
+    def _eval(self, log: MetricsLog) -> dict:
+        val = evaluate(self.model, self.val_data, self.cfg.batch_size, self.cfg.eval_batches)
+        log.write({"kind": "eval", "step": self.step, **val})
+        return val
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
+                        self.cfg, self.tokenizer, self.cfg.keep_last)
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (or continue it with ``resume=True``)."""
+    return Trainer(cfg, run_dir, resume=resume).fit()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise MoelabError(f"{run_dir}: no {METRICS}; not a moelab run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
