@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  moelab presets")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_presets)
+
+    from moelab import cli_data
+
+    cli_data.register(sub, _Formatter)
     return parser
 
 

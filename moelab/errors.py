@@ -15,3 +15,7 @@ class ConfigError(MoelabError, ValueError):
 
 class CheckpointError(MoelabError, ValueError):
     """A checkpoint or weight file is missing, truncated or does not match its config."""
+
+
+class DataError(MoelabError, ValueError):
+    """A corpus path, data file or record is missing, empty, malformed or not UTF-8."""
