@@ -2,6 +2,7 @@
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
 from moelab.errors import CheckpointError, ConfigError, MoelabError
+from moelab.interop.hf import export_hf
 from moelab.loading import load
 from moelab.model import ModelOutput, MoETransformer, build_model
 from moelab.params import count_params
@@ -11,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
-    "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "get_preset",
+    "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "export_hf", "get_preset",
     "load", "load_config", "save_config",
 ]

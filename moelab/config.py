@@ -21,7 +21,7 @@ import yaml
 from moelab.errors import ConfigError
 
 # Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
-ROUTER_TYPES = ("topk", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
+ROUTER_TYPES = ("topk", "sparsemixer", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
 DROP_PRIORITIES = ("position", "score")
 EXPERT_CHOICE_EVAL = ("topk", "batch")
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -105,6 +105,9 @@ class RouterConfig:
     jitter_eps: float = 0.0
     # Router logits are divided by this before any softmax.
     temperature: float = 1.0
+    # type="sparsemixer" (Phi-3.5-MoE): a candidate expert survives a pick when its logit is within
+    # relative distance 2*eps of the best candidate (HF phimoe ``router_jitter_noise``).
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         _choice("router.type", self.type, ROUTER_TYPES)
@@ -115,6 +118,7 @@ class RouterConfig:
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ConfigError("router.jitter_eps", self.jitter_eps, "must be in [0, 1)")
         _positive("router.temperature", self.temperature)
+        _positive("router.sparsemixer_eps", self.sparsemixer_eps, allow_zero=True)
         for name in ("importance_loss_coef", "noisy_load_loss_coef", "entropy_loss_coef", "expert_balance_coef",
                      "device_balance_coef", "comm_balance_coef", "seq_balance_coef", "bias_update_rate"):
             _positive(f"router.{name}", getattr(self, name), allow_zero=True)

@@ -1,7 +1,8 @@
 """``moelab.load(path)``: one entry point for every kind of saved model.
 
-Accepts a moelab model/checkpoint directory (config.yaml + model.safetensors) and a training run
-directory (its latest checkpoint).
+Accepts a moelab model/checkpoint directory (config.yaml + model.safetensors), a training run
+directory (its latest checkpoint) and a Hugging Face model directory (config.json with a
+``model_type`` + safetensors weights; see ``moelab.interop.hf``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,24 @@ from moelab.serialization import CONFIG, load_model
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoETransformer:
-    """Load a model in eval mode from a moelab model or checkpoint directory."""
+    """Load a model in eval mode from a moelab model, checkpoint or run directory, or an HF model
+    directory (``dtype=None`` keeps an HF checkpoint's own dtype)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "checkpoints").is_dir():  # a training run: its latest checkpoint
-        return load_model(resolve_checkpoint(path), dtype=dtype, device=device)
-    if (path / CONFIG).is_file():
-        return load_model(path, dtype=dtype, device=device)
-    raise CheckpointError(f"{path}: not a moelab model directory (no {CONFIG})")
+        model = load_model(resolve_checkpoint(path), dtype=dtype, device=device)
+    elif (path / CONFIG).is_file():
+        model = load_model(path, dtype=dtype, device=device)
+    elif (path / "config.json").is_file():  # a Hugging Face model directory
+        from moelab.interop.hf import load_hf
+
+        return load_hf(path, dtype=dtype, device=device)
+    else:
+        raise CheckpointError(f"{path}: not a moelab model directory (no {CONFIG}) nor an HF model directory "
+                              "(no config.json)")
+    model.source_dir = path  # export_hf copies the tokenizer saved beside the model
+    return model
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -1,0 +1,1 @@
+"""Conversion between moelab models and other ecosystems' checkpoints (Hugging Face: ``interop.hf``)."""
