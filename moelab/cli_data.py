@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction, formatter: type) -> None:
     q = data_sub.add_parser(
         "info", help="documents, characters and tokens per domain and split; unigram entropy",
         formatter_class=formatter,
-        description="Load a corpus, train a byte-level BPE tokenizer on its training split and count "
-                    "documents, characters and tokens (one end-of-document token per document included) "
-                    "per domain and split, plus the unigram entropy of the training tokens: the loss of "
+        description="Load a corpus, train a byte-level BPE tokenizer on its training split and count\n"
+                    "documents, characters and tokens (one end-of-document token per document included)\n"
+                    "per domain and split, plus the unigram entropy of the training tokens: the loss of\n"
                     "the best model that ignores context.",
         epilog="examples:\n  moelab data info\n  moelab data info my_texts/ --vocab-size 4096 --json\n"
                "  moelab data info corpus.jsonl --out runs/data")
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction, formatter: type) -> None:
     q.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
     q.add_argument("--seed", type=int, default=0, help="orders documents and generates the math domain")
     q.add_argument("--cache-dir", default=None,
-                   help="where the built-in corpus is cached (default $MOELAB_CACHE or ~/.cache/moelab)")
+                   help="where the built-in corpus is cached (None: $MOELAB_CACHE or ~/.cache/moelab)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--out", help="also write result.json, data_info.md and tokenizer.json into this directory")
     q.set_defaults(func=cmd_data_info)

@@ -279,6 +279,7 @@ def test_jsonl_documents(tmp_path):
     ("no_text_field", r"bad\.jsonl, line 2: no 'text' field \(keys: 'txt'\)"),
     ("bad_json", r"bad\.jsonl, line 1: not valid JSON"),
     ("text_not_string", r"field 'text' is int"),
+    ("duplicate_id", r"bad\.jsonl, line 2: id 'a' is already used on line 1"),
     ("latin1", r"latin\.txt: not valid UTF-8 \(byte 0xe9 at offset 3, line 1\); re-encode it as UTF-8"),
     ("latin1_in_dir", r"sub.latin\.md: not valid UTF-8.*iconv"),
     ("one_document", r"holds 1 document\(s\), too few to hold out validation"),
@@ -302,6 +303,8 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, case, match):
         src = _write(tmp_path / "bad.jsonl", '{"text": "unterminated\n')
     elif case == "text_not_string":
         src = _write(tmp_path / "bad.jsonl", '{"text": 3}\n')
+    elif case == "duplicate_id":
+        src = _write(tmp_path / "bad.jsonl", '{"text": "x", "id": "a"}\n{"text": "y", "id": "a"}\n')
     elif case == "latin1":
         src = tmp_path / "latin.txt"
         src.write_bytes("café au lait".encode("latin-1"))

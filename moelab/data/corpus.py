@@ -21,7 +21,7 @@ from moelab.data.sources import MAX_DOC_CHARS, MIN_DOC_CHARS, SOURCES, stable_ha
 from moelab.errors import DataError
 
 # Bump when the built-in sources change, so stale caches are rebuilt instead of reused.
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2
 # Characters per built-in domain, chosen so the domains have similar token counts (~1M tokens in all
 # at vocab 2048); `prose` is all the help topics and the docstrings of two thirds of the stdlib.
 DOMAIN_CHARS = {"code": 1_000_000, "prose": 1_000_000, "math": 750_000}  # math: fewer chars per token

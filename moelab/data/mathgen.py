@@ -169,7 +169,7 @@ def compare_pair(rng: random.Random) -> Problem:
 
 
 def sort(rng: random.Random) -> Problem:
-    xs = list({_number(rng) for _ in range(rng.randint(3, 6))})
+    xs = list(dict.fromkeys(_number(rng) for _ in range(rng.randint(3, 6))))  # dedupe, keep order
     rng.shuffle(xs)
     desc = rng.random() < 0.5
     order = "decreasing" if desc else "increasing"
@@ -178,7 +178,7 @@ def sort(rng: random.Random) -> Problem:
 
 
 def kth_biggest(rng: random.Random) -> Problem:
-    xs = list({_number(rng) for _ in range(rng.randint(3, 6))})
+    xs = list(dict.fromkeys(_number(rng) for _ in range(rng.randint(3, 6))))  # dedupe, keep order
     rng.shuffle(xs)
     k = rng.randint(1, min(3, len(xs)))
     word = ("biggest", "second biggest", "third biggest")[k - 1]

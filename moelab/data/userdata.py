@@ -53,6 +53,7 @@ def read_text_file(path: Path) -> list[Document]:
 def read_jsonl(path: Path) -> list[Document]:
     text = read_text(path)
     docs = []
+    seen: dict[str, int] = {}  # id -> line
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -73,10 +74,14 @@ def read_jsonl(path: Path) -> list[Document]:
         domain = rec.get("domain", DEFAULT_DOMAIN)
         if not isinstance(domain, str) or not domain.strip():
             raise DataError(f"{where}: field 'domain' must be a non-empty string, got {domain!r}")
-        doc_id = rec.get("id", f"{path.name}:{lineno}")
+        doc_id = str(rec.get("id", f"{path.name}:{lineno}"))
+        if doc_id in seen:
+            raise DataError(f"{where}: id {doc_id!r} is already used on line {seen[doc_id]}; "
+                            "make every 'id' unique or leave the field out")
+        seen[doc_id] = lineno
         if not rec["text"].strip():
             continue
-        docs.append(Document(text=rec["text"], domain=domain.strip(), doc_id=str(doc_id)))
+        docs.append(Document(text=rec["text"], domain=domain.strip(), doc_id=doc_id))
     if not docs:
         raise DataError(f"{path}: holds no documents (every line is blank or has empty 'text'); "
                         'add lines like {"text": "...", "domain": "..."}')
