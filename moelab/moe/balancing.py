@@ -140,11 +140,13 @@ def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int) -> None:
     Computed on the router's choices before any capacity dropping (as Switch does)."""
     E, K = routing.num_experts, cfg.top_k
     losses = {
-        "load_balance": (cfg.load_balance_coef, lambda: switch_load_balance_loss(routing.probs_TE, routing.expert_idx_A)),
+        "load_balance": (cfg.load_balance_coef,
+                         lambda: switch_load_balance_loss(routing.probs_TE, routing.expert_idx_A)),
         "z_loss": (cfg.z_loss_coef, lambda: router_z_loss(routing.logits_TE)),
         "importance": (cfg.importance_loss_coef, lambda: importance_loss(routing.weight_A, routing.expert_idx_A, E)),
         "entropy": (cfg.entropy_loss_coef, lambda: entropy_loss(routing.probs_TE)),
-        "expert_balance": (cfg.expert_balance_coef, lambda: expert_balance_loss(routing.probs_TE, routing.expert_idx_A, K)),
+        "expert_balance": (cfg.expert_balance_coef,
+                           lambda: expert_balance_loss(routing.probs_TE, routing.expert_idx_A, K)),
         "device_balance": (cfg.device_balance_coef,
                            lambda: device_balance_loss(routing.probs_TE, routing.expert_idx_A, K, cfg.n_group)),
         "comm_balance": (cfg.comm_balance_coef, lambda: comm_balance_loss(

@@ -39,8 +39,8 @@ class ExpertChoiceRouter(Router):
 
     @property
     def active_experts_per_token(self) -> int:
-        """top_k * capacity_factor experts per token on average, rounded, in [1, E]."""
-        return min(self.num_experts, max(1, round(self.cfg.top_k * self.capacity_factor)))
+        """top_k * capacity_factor experts per token on average, rounded half up, in [1, E]."""
+        return min(self.num_experts, max(1, math.floor(self.cfg.top_k * self.capacity_factor + 0.5)))
 
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(capacity_factor * T * top_k / E), at most T."""

@@ -1,0 +1,146 @@
+"""Capacity, dropping priorities, dropped tokens = residual, dropless == no-overflow capacity."""
+
+import pytest
+import torch
+
+from moelab.config import RouterConfig
+from moelab.model import build_model
+from moelab.moe.dispatch import capacity_keep_mask, dispatch_combine, expert_capacity
+from moelab.moe.experts import reference_moe
+from moelab.moe.layer import MoELayer
+from moelab.moe.routing import Routing
+from tests.helpers import small_config
+
+
+def test_capacity_formula():
+    assert expert_capacity(1.25, 100, 2, 8) == 32  # ceil(31.25)
+    assert expert_capacity(1.0, 64, 2, 8) == 16
+    assert expert_capacity(0.5, 10, 1, 4) == 2  # ceil(1.25)
+
+
+def _routing(token, expert, weight, T, E):
+    logits = torch.zeros(T, E)
+    return Routing(torch.tensor(token), torch.tensor(expert), torch.tensor(weight), logits, logits.softmax(-1), E)
+
+
+def test_position_priority_keeps_earlier_positions_of_every_sequence():
+    # 2 sequences x 3 positions, top-1, all to expert 0, capacity 2: position 0 of both sequences
+    r = _routing([0, 1, 2, 3, 4, 5], [0] * 6, [0.1, 0.9, 0.8, 0.7, 0.6, 0.5], T=6, E=2)
+    keep = capacity_keep_mask(r, 2, "position", seq_len=3)
+    assert keep.tolist() == [True, False, False, True, False, False]
+    assert capacity_keep_mask(r, 6, "position", seq_len=3).all()
+
+
+def test_score_priority_is_batch_prioritised_routing():
+    # top-2 over 3 experts, 3 tokens, capacity 1. First choices: t0 -> e0 (0.5), t1 -> e0 (0.9),
+    # t2 -> e1 (0.6). Second choices: t0 -> e1 (0.4), t1 -> e2 (0.05), t2 -> e2 (0.3).
+    token = [0, 0, 1, 1, 2, 2]
+    expert = [0, 1, 0, 2, 1, 2]
+    weight = [0.5, 0.4, 0.9, 0.05, 0.6, 0.3]
+    r = _routing(token, expert, weight, T=3, E=3)
+    keep = capacity_keep_mask(r, 1, "score", seq_len=3)
+    # e0: both 1st choices, t1 (top gate 0.9) beats t0 (0.5); e1: t2's 1st choice beats t0's 2nd
+    # choice (1st choices go first); e2: both 2nd choices, t1's top gate 0.9 beats t2's 0.6
+    assert keep.tolist() == [False, False, True, True, True, False]
+    keep_pos = capacity_keep_mask(r, 1, "position", seq_len=3)
+    assert keep_pos.tolist() == [True, True, False, True, False, False]
+
+
+def _layer(**router_kw):
+    cfg = small_config(router=RouterConfig(top_k=2, **router_kw))
+    layer = MoELayer(cfg)
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def test_dropped_tokens_get_zero_moe_output_and_the_rest_match_reference():
+    layer = _layer(capacity_factor=0.25).train()
+    x = torch.randn(2, 16, 32)
+    y, r = layer(x)
+    C = layer.capacity(32)
+    assert C == 4 and r.kept_A is not None and (~r.kept_A).sum() > 0
+    kept = r.select(r.kept_A)
+    assert kept.expert_counts().max() <= C
+    no_expert = kept.experts_per_token() == 0
+    assert no_expert.sum() > 0
+    assert torch.equal(y.reshape(32, 32)[no_expert], torch.zeros(int(no_expert.sum()), 32))
+    ref = reference_moe(layer.experts, x.reshape(32, 32), kept.token_idx_A, kept.expert_idx_A, kept.weight_A)
+    torch.testing.assert_close(y.reshape(32, 32), ref, rtol=1e-5, atol=1e-6)
+    m = layer.last_metrics
+    assert m["dropped_frac"] == pytest.approx((~r.kept_A).float().mean().item())
+    assert m["no_expert_token_frac"] == pytest.approx(no_expert.float().mean().item())
+    assert m["capacity"] == 4
+
+
+def test_dropped_token_block_output_is_the_residual():
+    cfg = small_config(router=RouterConfig(top_k=1, capacity_factor=0.25))
+    model = build_model(cfg).train()
+    block = model.blocks[0]
+    x = torch.randn(1, 12, 32)
+    T = torch.arange(12)
+    from moelab.layers.rope import rope_cos_sin
+    cos, sin = rope_cos_sin(T, cfg.head_dim, cfg.attention.rope_theta)
+    out, r = block(x, cos, sin, T)
+    residual = x + block.attn(block.attn_norm(x), cos, sin, T)
+    dropped_tokens = (r.select(r.kept_A).experts_per_token() == 0).nonzero().flatten()
+    assert dropped_tokens.numel() >= 12 - 4  # capacity 1 per expert, 4 experts
+    torch.testing.assert_close(out[0, dropped_tokens], residual[0, dropped_tokens], rtol=0, atol=0)
+
+
+def test_dropped_fraction_by_position_shows_late_tokens_dropped():
+    layer = _layer(capacity_factor=0.5, drop_priority="position").train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0
+        layer.router.weight[1] = 0.5  # every token picks experts 0 and 1
+    x = torch.rand(2, 8, 32) + 0.1  # positive inputs: logits for e0 > e1 > 0 = others
+    layer(x)
+    # C = ceil(0.5 * 16 * 2 / 4) = 4 per expert: positions 0, 1 of both sequences kept
+    by_pos = layer.last_metrics["dropped_frac_by_position"]
+    assert by_pos.tolist() == [0.0, 0.0] + [1.0] * 6
+    assert layer.last_metrics["dropped_frac"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("kind", ["topk", "top_p", "deepseek_v3"])
+def test_dropless_equals_capacity_with_large_factor(kind):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 12))
+    outs = []
+    for cf in (None, 8.0):
+        cfg = small_config(router=RouterConfig(type=kind, top_k=2, capacity_factor=cf, z_loss_coef=1e-3))
+        torch.manual_seed(1)
+        model = build_model(cfg).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outs.append((out, [p.grad.clone() for p in model.parameters()], model.moe_layers()[0].last_metrics))
+    (a, ga, ma), (b, gb, mb) = outs
+    assert mb["dropped_frac"] == 0.0 and mb["capacity"] is not None and ma["capacity"] is None
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_train_and_eval_capacity_factors_are_separate():
+    layer = _layer(capacity_factor=1.25, eval_capacity_factor=2.0)
+    assert layer.train().capacity(64) == 40  # ceil(1.25 * 64 * 2 / 4)
+    assert layer.eval().capacity(64) == 64
+    assert _layer(capacity_factor=1.0).eval().capacity(64) is None  # eval null = dropless
+
+
+def test_expert_choice_through_capacity_drops_nothing():
+    cfg = small_config(router=RouterConfig(type="expert_choice", top_k=2, capacity_factor=1.0))
+    layer = MoELayer(cfg).train()
+    layer(torch.randn(2, 10, 32))
+    assert layer.last_metrics["dropped_frac"] == 0.0
+    assert layer.last_counts_E.tolist() == [10] * 4
+    assert layer.last_metrics["max_vio"] == 0.0
+
+
+def test_dispatch_without_capacity_unchanged_api():
+    layer = _layer()
+    x = torch.randn(5, 32)
+    r = layer.router(x)
+    torch.testing.assert_close(dispatch_combine(layer.experts, x, r),
+                               reference_moe(layer.experts, x, r.token_idx_A, r.expert_idx_A, r.weight_A),
+                               rtol=1e-5, atol=1e-6)
