@@ -26,6 +26,16 @@ def _resolve_model_config(source: str):
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
         return load_config(path / "config.yaml")
+    hf_json = path / "config.json" if path.is_dir() else path
+    if hf_json.suffix == ".json" and hf_json.is_file():  # an HF config.json counts on the meta device too
+        from moelab.interop.hf import hf_config_to_model_config, is_hf_config
+
+        try:
+            data = json.loads(hf_json.read_text())
+        except json.JSONDecodeError as e:
+            raise MoelabError(f"{hf_json}: not valid JSON ({e})") from e
+        if is_hf_config(data):
+            return hf_config_to_model_config(data, counting_only=True, where=str(hf_json))
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return load_config(path)
     if source.lower().replace("_", "-") in PRESETS:
@@ -73,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write result.json into this directory")
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser(
+        "convert", help="convert a model between moelab and Hugging Face formats", formatter_class=_Formatter,
+        description="Load SRC (a moelab model/checkpoint/run directory or an HF model directory) and write it to "
+                    "DST as an HF directory (config.json + model.safetensors + tokenizer) or a moelab directory.",
+        epilog="example:\n  moelab convert ./Mixtral-tiny ./mixtral-moelab --to moelab\n"
+               "  moelab convert runs/tiny ./tiny-hf --to hf")
+    p.add_argument("src", help="model directory to read")
+    p.add_argument("dst", help="directory to write (replaced atomically)")
+    p.add_argument("--to", required=True, choices=("hf", "moelab"), help="output format")
+    p.add_argument("--family", help="HF model_type to export to (default: the source family, else the closest)")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
                        epilog="example:\n  moelab presets")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -81,7 +103,38 @@ def build_parser() -> argparse.ArgumentParser:
     from moelab import cli_data
 
     cli_data.register(sub, _Formatter)
+
+    from moelab import cli_train
+
+    cli_train.register(sub, _Formatter)
+
+    from moelab import cli_experiments
+
+    cli_experiments.register(sub, _Formatter)
     return parser
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from moelab.interop.hf import export_hf
+    from moelab.loading import load
+    from moelab.serialization import save_model
+
+    model = load(args.src)
+    if args.to == "hf":
+        out = export_hf(model, args.dst, family=args.family)
+        family = json.loads((out / "config.json").read_text())["model_type"]
+        print(f"wrote {out} (Hugging Face {family})")
+        return 0
+    if args.family:
+        raise MoelabError("--family applies only with --to hf")
+    out = save_model(model, args.dst)
+    tokenizer = Path(getattr(model, "source_dir", "") or "") / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copy2(tokenizer, out / "tokenizer.json")
+    print(f"wrote {out} (moelab config.yaml + model.safetensors)")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -107,9 +160,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
     except (MoelabError, ValueError, FileNotFoundError) as e:
         if args.debug:
             raise

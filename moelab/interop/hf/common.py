@@ -332,4 +332,4 @@ def topk_router_problems(cfg: ModelConfig) -> list[str]:
 def norm_topk_prob_of(cfg: ModelConfig) -> bool:
     """topk_then_softmax gates equal softmax_then_topk renormalised gates (REFERENCES §1.4)."""
     r = cfg.moe.router
-    return r.softmax_order == "topk_then_softmax" or r.norm_topk_prob
+    return r.softmax_order == "topk_then_softmax" or bool(r.norm_topk_prob)  # None: topk default, False
