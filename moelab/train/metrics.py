@@ -1,7 +1,8 @@
 """Training metrics: expert-load statistics and the JSONL log (TensorBoard as an optional extra sink).
 
 Load statistics per MoE layer from the assignment counts c_e of a step (REFERENCES §11):
-fraction c_e / sum c, max/mean load = max_e c_e / mean c (= 1 + MaxVio), coefficient of variation.
+fraction c_e / sum c, max/mean load = max_e c_e / mean c (= 1 + MaxVio), coefficient of variation
+(computed by :func:`moelab.moe.metrics.load_balance_metrics`).
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ from pathlib import Path
 import torch
 
 from moelab.errors import MoelabError
+from moelab.moe.metrics import load_balance_metrics
 
 
 def load_stats(counts: list[torch.Tensor]) -> dict:
-    """Per-layer load fractions and imbalance from per-layer assignment counts (E,)."""
+    """Per-layer load fractions and imbalance (max/mean load, MaxVio, CV) from per-layer counts (E,)."""
     if not counts:
         return {}
-    fractions, max_mean, cv = [], [], []
-    for c in counts:
-        c = c.double()
-        fractions.append([round(float(v), 6) for v in c / c.sum()])
-        max_mean.append(float(c.max() / c.mean()))
-        cv.append(float(c.std(unbiased=False) / c.mean()))
+    per_layer = [load_balance_metrics(c) for c in counts]
+    fractions = [[round(float(v), 6) for v in c.double() / c.double().sum()] for c in counts]
+    max_mean = [m["max_load_ratio"] for m in per_layer]
     return {"load": fractions, "max_load_per_layer": max_mean, "max_load": max(max_mean),
-            "mean_max_load": sum(max_mean) / len(max_mean), "load_cv": sum(cv) / len(cv)}
+            "mean_max_vio": sum(m["max_vio"] for m in per_layer) / len(per_layer),
+            "load_cv": sum(m["cv"] for m in per_layer) / len(per_layer)}
 
 
 class MetricsLog:

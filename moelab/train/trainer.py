@@ -35,6 +35,8 @@ from moelab.train.config import RESUMABLE_FIELDS, TrainConfig, config_difference
 from moelab.train.metrics import MetricsLog, load_stats
 
 METRICS = "metrics.jsonl"
+# Per-layer routing metrics of MoELayer.last_metrics logged every step (mean over MoE layers).
+ROUTING_METRICS = ("dropped_frac", "experts_per_token_mean", "router_entropy")
 RUN_CONFIG = "config.yaml"
 
 
@@ -115,6 +117,28 @@ def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batch
 
 
 @dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: PackedData
+    val: PackedData
+    unigram_entropy: float  # nats per token of the training tokens
+
+
+def prepare_run_data(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> RunData:
+    """Load the corpus of ``cfg.data``, train the tokenizer on its training split (unless given), pack."""
+    corpus = load_corpus(cfg.data, seed=cfg.seed)
+    if tokenizer is None:
+        tokenizer = train_tokenizer((d.text for d in corpus.train), cfg.model.vocab_size, seed=cfg.seed)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"the tokenizer has {tokenizer.vocab_size} tokens; raise model.vocab_size")
+    train_data, val_data = prepare_data(corpus, tokenizer, cfg.seq_len)
+    if len(train_data.input_ids) == 0:
+        raise MoelabError(f"data {cfg.data!r}: no training sequences; the corpus is too small for seq_len")
+    return RunData(tokenizer, train_data, val_data, unigram_entropy(train_data))
+
+
+@dataclass
 class RunResult:
     run_dir: Path
     final_step: int
@@ -124,8 +148,9 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False):
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None):
+        """``data``: already prepared data to reuse (experiments train many models on the same tokens)."""
+        self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
         if resume:
             self._check_resume()
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -145,20 +170,12 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
-        cfg = self.cfg
-        corpus = load_corpus(cfg.data, seed=cfg.seed)
-        tok_path = self.run_dir / "tokenizer.json"
-        if self.resume and tok_path.is_file():
-            self.tokenizer = Tokenizer.load(tok_path)
-        else:
-            self.tokenizer = train_tokenizer((d.text for d in corpus.train), cfg.model.vocab_size, seed=cfg.seed)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                              f"the tokenizer has {self.tokenizer.vocab_size} tokens; raise model.vocab_size")
-        self.train_data, self.val_data = prepare_data(corpus, self.tokenizer, cfg.seq_len)
-        if len(self.train_data.input_ids) == 0:
-            raise MoelabError(f"data {cfg.data!r}: no training sequences; the corpus is too small for seq_len")
-        self.entropy = unigram_entropy(self.train_data)
+        if self.data is None:
+            tok_path = self.run_dir / "tokenizer.json"
+            tokenizer = Tokenizer.load(tok_path) if self.resume and tok_path.is_file() else None
+            self.data = prepare_run_data(self.cfg, tokenizer)
+        self.tokenizer, self.train_data, self.val_data = self.data.tokenizer, self.data.train, self.data.val
+        self.entropy = self.data.unigram_entropy
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -193,6 +210,10 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+            for key in ROUTING_METRICS:  # mean over MoE layers, then over micro-batches
+                vals = [float(m[key]) for m in (layer.last_metrics for layer in model.moe_layers()) if key in m]
+                if vals:
+                    sums[key] = sums.get(key, 0.0) + sum(vals) / len(vals) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -202,7 +223,8 @@ class Trainer:
         self.step += 1
         tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         record = {"kind": "train", "step": self.step, **{k: sums[k] for k in ("loss", "lm_loss")},
-                  "aux": {k: v for k, v in sums.items() if k not in ("loss", "lm_loss")},
+                  "aux": {k: v for k, v in sums.items() if k not in ("loss", "lm_loss", *ROUTING_METRICS)},
+                  **{k: sums[k] for k in ROUTING_METRICS if k in sums},
                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
         record.update(load_stats(counts or []))
         return record
@@ -264,9 +286,9 @@ def _progress(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> RunResult:
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume=True``)."""
-    return Trainer(cfg, run_dir, resume=resume).fit()
+    return Trainer(cfg, run_dir, resume=resume, data=data).fit()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

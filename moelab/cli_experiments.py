@@ -1,0 +1,37 @@
+"""`moelab experiment <name>`: experiments that train several variants and write a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub, formatter) -> None:
+    p = sub.add_parser("experiment", help="run an experiment (routers, capacity)", formatter_class=formatter,
+                       description="Train variants side by side on the built-in corpus; writes result.json, "
+                                   "report.md/.html and plots/ into --out.",
+                       epilog="examples:\n  moelab experiment routers --quick --out runs/exp_routers\n"
+                              "  moelab experiment capacity --out runs/exp_capacity --steps 300")
+    p.add_argument("name", choices=["routers", "capacity"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quick", action="store_true", help="CI-sized run (< 2 min on 2 cores), same code")
+    p.add_argument("--steps", type=int, help="training steps per variant (default: 300 full, 20 quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="builtin", help="corpus: builtin, a text file, a directory or a JSONL")
+    p.add_argument("--json", action="store_true", help="print result.json to stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_experiment)
+
+
+def cmd_experiment(args) -> int:
+    from moelab.experiments import EXPERIMENTS
+    from moelab.experiments.common import ExperimentSettings
+
+    settings = ExperimentSettings(out=Path(args.out), quick=args.quick, seed=args.seed, steps=args.steps,
+                                  data=args.data, progress=not args.no_progress)
+    result = EXPERIMENTS[args.name](settings)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {Path(args.out) / 'report.md'} and result.json")
+    return 0

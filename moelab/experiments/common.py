@@ -1,0 +1,104 @@
+"""What every experiment shares: the base run config (full or --quick), shared data, a run per variant.
+
+An experiment trains several variants of one config on the same tokens (the tokenizer is trained once),
+each into ``OUT/runs/<variant>``, then writes ``result.json``, ``report.md``/``report.html`` and PNG plots
+into ``OUT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.errors import MoelabError
+from moelab.params import count_params
+from moelab.presets import tiny
+from moelab.train import TrainConfig
+from moelab.train.trainer import RunData, prepare_run_data, read_metrics, train
+
+
+@dataclass
+class ExperimentSettings:
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    steps: int | None = None  # override the default number of steps
+    data: str = "builtin"
+    progress: bool = True
+
+
+def base_config(s: ExperimentSettings) -> TrainConfig:
+    """The tiny preset for the full run; a smaller model and fewer steps for --quick (same code path)."""
+    if s.quick:
+        model = ModelConfig(vocab_size=512, d_model=64, num_layers=2, max_seq_len=64, dense_ffn_dim=128,
+                            attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                            moe=MoEConfig(num_experts=8, expert_ffn_dim=64,
+                                          router=RouterConfig(top_k=2, load_balance_coef=0.01, z_loss_coef=1e-3)))
+        cfg = TrainConfig(model=model, data=s.data, steps=s.steps or 20, batch_size=8, seq_len=64, warmup_steps=5,
+                          eval_every=0, eval_batches=2, seed=s.seed, progress=s.progress)
+    else:
+        cfg = TrainConfig(model=tiny(), data=s.data, steps=s.steps or 300, eval_every=100, eval_batches=8,
+                          seed=s.seed, progress=s.progress)
+    return cfg
+
+
+def prepare_out(out: Path) -> Path:
+    out = Path(out)
+    if (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise MoelabError(f"{out} already holds an experiment (runs/ is not empty); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def shared_data(cfg: TrainConfig) -> RunData:
+    return prepare_run_data(cfg)
+
+
+def run_variant(name: str, cfg: TrainConfig, out: Path, data: RunData) -> dict:
+    """Train one variant; return its final numbers and the per-step history the plots need."""
+    cfg = copy.deepcopy(cfg)
+    torch.manual_seed(cfg.seed)
+    result = train(cfg, out / "runs" / name, data=data)
+    records = read_metrics(out / "runs" / name)
+    steps = [r for r in records if r["kind"] == "train"]
+    tail = steps[-max(len(steps) // 5, 1):]  # the last 20% of steps, for stable averages
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in tail if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    tps = sorted(r["tokens_per_s"] for r in steps)
+    count = count_params(cfg.model)
+    return {
+        "name": name,
+        "router": cfg.model.moe.router.type if cfg.model.moe else None,
+        "val_loss": result.val["val_loss"],
+        "val_ppl": result.val["val_ppl"],
+        "val_domains": {d: v["loss"] for d, v in result.val["domains"].items()},
+        "train_lm_loss_last20": mean("lm_loss"),
+        "max_load_last20": mean("max_load"),
+        "load_cv_last20": mean("load_cv"),
+        "dropped_frac_last20": mean("dropped_frac"),
+        "experts_per_token_last20": mean("experts_per_token_mean"),
+        "median_tokens_per_s": tps[len(tps) // 2],
+        "total_params": count.total_params,
+        "active_params": count.active_params,
+        "history": {"step": [r["step"] for r in steps], "lm_loss": [r["lm_loss"] for r in steps],
+                    "max_load": [r.get("max_load") for r in steps],
+                    "dropped_frac": [r.get("dropped_frac") for r in steps],
+                    "experts_per_token": [r.get("experts_per_token_mean") for r in steps]},
+    }
+
+
+def write_result(out: Path, result: dict) -> Path:
+    path = out / "result.json"
+    tmp = path.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,114 @@
+"""`moelab experiment routers`: every router trains the same model on the same tokens and steps.
+
+The active parameter budget is held fixed at two expert-widths per token: token-choice routers use
+top-2; Switch (top-1) uses experts of twice the width; expert choice uses capacity for 2 experts per
+token on average; dynamic top-p keeps its own count (reported). Each variant's balancing losses are
+the ones its paper uses (coefficients in the table).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import matplotlib.pyplot as plt
+
+from moelab.config import RouterConfig
+from moelab.experiments.common import (
+    ExperimentSettings,
+    base_config,
+    prepare_out,
+    run_variant,
+    shared_data,
+    write_result,
+)
+from moelab.report import md_table, save_figure, write_report
+from moelab.train import TrainConfig
+
+
+def _router(cfg: TrainConfig, **kw) -> TrainConfig:
+    cfg = copy.deepcopy(cfg)
+    base = dict(top_k=2, load_balance_coef=0.0, z_loss_coef=1e-3)
+    base.update(kw)
+    cfg.model.moe.router = RouterConfig(**base)
+    cfg.model.moe.__post_init__()  # re-validate the MoE config against the new router
+    return cfg
+
+
+def _switch(cfg: TrainConfig) -> TrainConfig:
+    cfg = _router(cfg, type="switch", top_k=1, softmax_order="softmax_then_topk", load_balance_coef=0.01)
+    cfg.model.moe = dataclasses.replace(cfg.model.moe, expert_ffn_dim=2 * cfg.model.moe.expert_ffn_dim)
+    return cfg
+
+
+# name -> (description, config transform)
+ROUTER_VARIANTS: dict[str, tuple[str, Callable[[TrainConfig], TrainConfig]]] = {
+    "topk": ("softmax top-2, Mixtral form; Switch LB 0.01 + z 1e-3 (Jiang et al. 2024)",
+             lambda c: _router(c, type="topk", load_balance_coef=0.01)),
+    "switch": ("Switch top-1, experts 2x wide; LB 0.01 + z 1e-3 (Fedus et al. 2021)", _switch),
+    "noisy_topk": ("Shazeer noisy top-2; importance + load loss 0.01 each (Shazeer et al. 2017)",
+                   lambda c: _router(c, type="noisy_topk", importance_loss_coef=0.01, noisy_load_loss_coef=0.01)),
+    "expert_choice": ("expert choice, capacity = 2 experts/token on average, no aux loss (Zhou et al. 2022)",
+                      lambda c: _router(c, type="expert_choice", capacity_factor=1.0)),
+    "top_p": ("dynamic top-p, p = 0.4; LB 0.01 + entropy loss 1e-4 (Huang et al. 2024)",
+              lambda c: _router(c, type="top_p", top_p=0.4, load_balance_coef=0.01, entropy_loss_coef=1e-4)),
+    "deepseek_v2": ("softmax, 4 groups keep 2, expert/device/comm balance 0.003/0.05/0.02 (DeepSeek-V2)",
+                    lambda c: _router(c, type="deepseek_v2", softmax_order="softmax_then_topk", n_group=4,
+                                      topk_group=2, expert_balance_coef=0.003, device_balance_coef=0.05,
+                                      comm_balance_coef=0.02)),
+    "deepseek_v3": ("sigmoid, 4 groups keep 2, aux-loss-free bias gamma 1e-3 + seq loss 1e-4 (DeepSeek-V3)",
+                    lambda c: _router(c, type="deepseek_v3", n_group=4, topk_group=2, bias_update_rate=1e-3,
+                                      seq_balance_coef=1e-4)),
+}
+
+
+def run_router_experiment(s: ExperimentSettings) -> dict:
+    out = prepare_out(s.out)
+    base = base_config(s)
+    data = shared_data(base)
+    rows = []
+    for name, (desc, transform) in ROUTER_VARIANTS.items():
+        print(f"== router {name}: {desc}")
+        row = run_variant(name, transform(base), out, data)
+        row["description"] = desc
+        rows.append(row)
+    result = {"experiment": "routers", "quick": s.quick, "seed": s.seed, "steps": base.steps,
+              "unigram_entropy": data.unigram_entropy, "variants": rows}
+    write_result(out, result)
+    _report(out, result)
+    return result
+
+
+def _report(out, result: dict) -> None:
+    rows = result["variants"]
+    names = [r["name"] for r in rows]
+    plots = {}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [r["val_loss"] for r in rows], color="tab:blue")
+    ax.set_ylim(min(r["val_loss"] for r in rows) * 0.97, max(r["val_loss"] for r in rows) * 1.01)
+    ax.set_ylabel("validation loss"), ax.tick_params(axis="x", rotation=30)
+    plots["val_loss"] = save_figure(fig, out / "plots" / "val_loss_by_router.png")
+    for key, label, fname in (("max_load", "max / mean expert load", "max_load_over_training.png"),
+                              ("experts_per_token", "experts per token", "experts_per_token.png"),
+                              ("dropped_frac", "dropped assignment fraction", "dropped_fraction.png"),
+                              ("lm_loss", "train LM loss", "train_loss.png")):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for r in rows:
+            pts = [(s, v) for s, v in zip(r["history"]["step"], r["history"][key]) if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"])
+        ax.set_xlabel("step"), ax.set_ylabel(label), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        plots[key] = save_figure(fig, out / "plots" / fname)
+    table = md_table(
+        ["router", "val loss", "val ppl", "max/mean load (last 20%)", "load CV", "dropped frac", "experts/token",
+         "tokens/s", "active params", "total params"],
+        [[r["name"], r["val_loss"], r["val_ppl"], r["max_load_last20"], r["load_cv_last20"],
+          r["dropped_frac_last20"], r["experts_per_token_last20"], r["median_tokens_per_s"],
+          f"{r['active_params']:,}", f"{r['total_params']:,}"] for r in rows])
+    md = [f"# Router comparison ({'quick' if result['quick'] else 'full'}: {result['steps']} steps, seed {result['seed']})",
+          "", f"Unigram entropy of the training tokens: {result['unigram_entropy']:.4f} nats.", "", table, "",
+          "## Variants", "", md_table(["router", "setting"], [[r["name"], r["description"]] for r in rows]), "",
+          "## Plots", ""]
+    md += [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
+    write_report(out, "moelab router comparison", "\n".join(md) + "\n", result)

@@ -1,0 +1,55 @@
+"""`moelab experiment routers|capacity --quick`: the CI-sized runs of the full experiments."""
+
+import json
+
+import pytest
+
+from moelab.cli import main
+from moelab.experiments import ROUTER_VARIANTS
+
+
+@pytest.mark.slow
+def test_router_experiment_quick(tmp_path, capsys):
+    out = tmp_path / "routers"
+    assert main(["experiment", "routers", "--quick", "--out", str(out), "--no-progress", "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert json.loads(printed[printed.index("{"):]) == result
+    rows = {r["name"]: r for r in result["variants"]}
+    assert set(rows) == set(ROUTER_VARIANTS)
+    assert rows["expert_choice"]["max_load_last20"] == pytest.approx(1.0)  # balanced by construction
+    assert rows["expert_choice"]["experts_per_token_last20"] == pytest.approx(2.0)  # capacity for 2/token
+    assert rows["switch"]["experts_per_token_last20"] == 1.0
+    assert rows["topk"]["experts_per_token_last20"] == 2.0
+    assert rows["top_p"]["experts_per_token_last20"] >= 1.0
+    # the active budget is held: Switch's 2x-wide top-1 experts equal top-2 experts of width F
+    assert rows["switch"]["active_params"] == rows["topk"]["active_params"]
+    for r in rows.values():
+        assert r["dropped_frac_last20"] == 0.0  # every variant here is dropless
+        assert 0 < r["val_loss"] < 10 and r["median_tokens_per_s"] > 0
+    md = (out / "report.md").read_text()
+    for r in rows.values():
+        assert f"| {r['name']} | {r['val_loss']:.4g} |" in md
+    for png in ("val_loss_by_router.png", "max_load_over_training.png", "experts_per_token.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # a second run into the same directory is refused rather than mixing results
+    assert main(["experiment", "routers", "--quick", "--out", str(out), "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_capacity_experiment_quick(tmp_path):
+    out = tmp_path / "cap"
+    assert main(["experiment", "capacity", "--quick", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    rows = {r["name"]: r for r in result["variants"]}
+    assert set(rows) == {"cf_0.5", "cf_1", "cf_2", "dropless"}
+    assert rows["dropless"]["dropped_frac_last20"] == 0.0 and rows["dropless"]["eval_dropped_frac"] == 0.0
+    # capacity 0.5 cannot hold half of the assignments even at perfect balance
+    assert rows["cf_0.5"]["dropped_frac_last20"] >= 0.5 - 1e-6
+    assert rows["cf_0.5"]["eval_dropped_frac"] >= 0.5 - 1e-6
+    assert rows["cf_0.5"]["eval_dropped_frac"] > rows["cf_1"]["eval_dropped_frac"] >= rows["cf_2"]["eval_dropped_frac"]
+    assert len(rows["cf_1"]["eval_drop_by_position"]) == 64
+    md = (out / "report.md").read_text()
+    assert f"{rows['cf_0.5']['val_loss']:.4g}" in md
+    assert (out / "plots" / "loss_and_drops_vs_capacity.png").is_file()
+    assert (out / "plots" / "drop_by_position.png").is_file()
