@@ -110,3 +110,17 @@ def test_load_reports_truncated_and_mismatched(tmp_path):
     (tmp_path / "other" / "model.safetensors").replace(w)
     with pytest.raises(CheckpointError, match=r"experts\.down_EDF has shape \(4, 32, 12\), config expects \(4, 32, 24\)"):
         load_model(tmp_path / "m")
+
+
+def test_bf16_forward_close_to_fp32():
+    """The bf16 path (for GPUs) on a small input: router math stays fp32, logits stay close."""
+    cfg = small_config()
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    ref = model(ids).logits
+    low = build_model(cfg, dtype=torch.bfloat16).eval()
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    out = low(ids).logits
+    assert out.dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() <= 0.05 * scale
