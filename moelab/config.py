@@ -66,9 +66,9 @@ class RouterConfig:
     load_balance_coef: float = 0.01
     # ST-MoE router z-loss (1/T) sum_t logsumexp(logits_t)^2 (Zoph et al. §3); 1e-3 in the paper.
     z_loss_coef: float = 0.0
-    # Shazeer 2017 importance loss CV(sum_t gates_t)^2 (any router) and smooth load loss CV(Load)^2
-    # (noisy_topk only); 0.1 each in the paper (UNVERIFIED).
+    # Shazeer 2017 importance loss CV(sum_t gates_t)^2, any router; 0.1 in the paper (UNVERIFIED).
     importance_loss_coef: float = 0.0
+    # Shazeer 2017 smooth load loss CV(Load)^2 with Load from Phi, noisy_topk only; 0.1 (UNVERIFIED).
     noisy_load_loss_coef: float = 0.0
     # Huang et al. 2024 dynamic loss: mean per-token entropy of the router distribution; 1e-4.
     entropy_loss_coef: float = 0.0
