@@ -67,8 +67,7 @@ def noisy_load_loss(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE
     kth_in_T1, kth_out_T1 = top_TK1[:, top_k:top_k + 1], top_TK1[:, top_k - 1:top_k]
     in_topk_TE = noisy_TE > kth_in_T1  # i is one of the k largest
     threshold_TE = torch.where(in_topk_TE, kth_in_T1, kth_out_T1)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    prob_TE = normal.cdf((clean_TE - threshold_TE) / noise_std_TE)
+    prob_TE = torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE)  # Phi, standard normal CDF
     return cv_squared(prob_TE.sum(dim=0))
 
 

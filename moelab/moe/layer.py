@@ -89,24 +89,22 @@ class MoELayer(nn.Module):
         kept_per_token_T = kept.experts_per_token()
         pos_A = routing.token_idx_A % seq_len
         routed_pos = torch.bincount(pos_A, minlength=seq_len).float()
-        if routing.kept_A is not None:
-            dropped_A = ~routing.kept_A
-            dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()
-            dropped_frac = dropped_A.float().mean().item() if dropped_A.numel() else 0.0
-        else:
-            dropped_pos = torch.zeros(seq_len, device=routed_pos.device)
-            dropped_frac = 0.0
+        dropped_A = torch.zeros_like(pos_A, dtype=torch.bool) if routing.kept_A is None else ~routing.kept_A
+        dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()
         p = routing.probs_TE.float()
+        scalars = torch.stack([  # one device sync for all of them
+            dropped_A.float().mean() if dropped_A.numel() else p.new_zeros(()),
+            per_token_T.mean(), per_token_T.min(), per_token_T.max(),
+            (kept_per_token_T == 0).float().mean(),
+            -torch.special.xlogy(p, p).sum(-1).mean(),
+        ]).tolist()
+        names = ("dropped_frac", "experts_per_token_mean", "experts_per_token_min", "experts_per_token_max",
+                 "no_expert_token_frac", "router_entropy")
         self.last_metrics = {
             "tokens_per_expert": counts_E,
             **load_balance_metrics(counts_E),
-            "dropped_frac": dropped_frac,
+            **dict(zip(names, scalars)),
             "dropped_frac_by_position": dropped_pos / routed_pos.clamp_min(1),
-            "experts_per_token_mean": per_token_T.mean().item(),
-            "experts_per_token_min": per_token_T.min().item(),
-            "experts_per_token_max": per_token_T.max().item(),
-            "no_expert_token_frac": (kept_per_token_T == 0).float().mean().item(),
-            "router_entropy": (-torch.special.xlogy(p, p).sum(-1)).mean().item(),
             "capacity": capacity,
         }
 

@@ -17,10 +17,5 @@ def load_balance_metrics(counts_E: torch.Tensor) -> dict[str, float]:
     cv = std c / c_bar (population std), dead_expert_frac = share of experts with c = 0."""
     c = counts_E.detach().float()
     mean = c.mean().clamp_min(1e-12)
-    ratio = (c.max() / mean).item()
-    return {
-        "max_load_ratio": ratio,
-        "max_vio": ratio - 1.0,
-        "cv": (c.std(unbiased=False) / mean).item(),
-        "dead_expert_frac": (c == 0).float().mean().item(),
-    }
+    ratio, cv, dead = torch.stack([c.max() / mean, c.std(unbiased=False) / mean, (c == 0).float().mean()]).tolist()
+    return {"max_load_ratio": ratio, "max_vio": ratio - 1.0, "cv": cv, "dead_expert_frac": dead}
