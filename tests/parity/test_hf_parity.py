@@ -87,3 +87,11 @@ def test_param_count_equals_transformers_meta(family, variant, kwargs):
     cfg_dict = hf_config(family, kwargs).to_dict()
     cfg = moelab.interop.hf.hf_config_to_model_config(cfg_dict)
     assert count_params(cfg).total_params == hf_total
+
+
+def test_dbrx_null_normalisation_is_not_the_default():
+    """``moe_normalize_expert_weights: null`` turns renormalisation off; absent means p = 1."""
+    base = {"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "vocab_size": 64}
+    off = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {"moe_normalize_expert_weights": None}})
+    on = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {}})
+    assert (off.moe.router.norm_topk_prob, on.moe.router.norm_topk_prob) == (False, True)

@@ -61,7 +61,9 @@ class DbrxAdapter(Adapter):
             raise ffn.error("ffn_act_fn", act, "only {'name': <activation>} is supported (no extra arguments)")
         activation = activation_from_hf(ffn, "ffn_act_fn", act.get("name", "silu"))
         E, K = ffn.take_int("moe_num_experts", 4), ffn.take_int("moe_top_k", 1)
-        p = ffn.take("moe_normalize_expert_weights", 1.0)
+        # An explicit null means "no normalisation" (not the 1.0 default), so read it raw.
+        p = ffn.data.get("moe_normalize_expert_weights", 1.0)
+        ffn.ignore("moe_normalize_expert_weights")
         if p not in (None, 1, 1.0):
             raise ffn.error("moe_normalize_expert_weights", p, "moelab renormalises gates by their sum (p = 1) or "
                             "not at all (null); other p-norms are not supported")
