@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from moelab.data._io import write_atomic
+    from moelab.fileio import write_atomic
     from moelab.data.stats import SPLITS, data_info, markdown_table
 
     info, tokenizer = data_info(args.source, vocab_size=args.vocab_size, seed=args.seed, cache_dir=args.cache_dir)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from moelab.errors import ConfigError
+from moelab.fileio import write_atomic
 
 # Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
 ROUTER_TYPES = ("topk", "sparsemixer", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
@@ -390,9 +391,7 @@ def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moelab.errors import MoelabError  # noqa: E402
+from moelab.fileio import write_atomic  # noqa: E402
 
 
 # ---- generic building blocks (also used by experiment reports) ---------------------------------------
@@ -80,19 +79,13 @@ def markdown_to_html(title: str, markdown: str) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out_dir: Path, title: str, markdown: str, result: dict) -> dict[str, Path]:
     """report.md, report.html and report.json (``result``: every number shown) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "report.json"}
-    write_text_atomic(paths["md"], markdown)
-    write_text_atomic(paths["html"], markdown_to_html(title, markdown))
-    write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
+    write_atomic(paths["md"], markdown)
+    write_atomic(paths["html"], markdown_to_html(title, markdown))
+    write_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
     return paths
 
 
@@ -202,7 +195,3 @@ def write_run_report(run_dir: str | Path) -> dict[str, Path]:
     md += ["## Resolved config", "", "```yaml", cfg_text.rstrip(), "```", ""]
     paths = write_report(run_dir, f"moelab run {run_dir.name}", "\n".join(md), result)
     return {**paths, **{f"plot_{k}": v for k, v in plots.items()}}
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

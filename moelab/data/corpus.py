@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from moelab.data._io import write_atomic
+from moelab.fileio import write_atomic
 from moelab.data.sources import MAX_DOC_CHARS, MIN_DOC_CHARS, SOURCES, stable_hash
 from moelab.errors import DataError
 

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from moelab.data._io import write_atomic
+from moelab.fileio import write_atomic
 from moelab.errors import CheckpointError, ConfigError
 
 EOS = "<|endoftext|>"

@@ -16,10 +16,10 @@ import torch
 from moelab.experiments.common import (
     ExperimentSettings,
     base_config,
+    finish,
     prepare_out,
     run_variant,
     shared_data,
-    write_result,
 )
 from moelab.loading import load
 from moelab.report import md_table, save_figure, write_report
@@ -62,11 +62,7 @@ def run_capacity_experiment(s: ExperimentSettings) -> dict:
         row["eval_dropped_frac"] = (sum(row["eval_drop_by_position"]) / len(row["eval_drop_by_position"])
                                     if row["eval_drop_by_position"] else 0.0)
         rows.append(row)
-    result = {"experiment": "capacity", "quick": s.quick, "seed": s.seed, "steps": base.steps,
-              "unigram_entropy": data.unigram_entropy, "variants": rows}
-    write_result(out, result)
-    _report(out, result)
-    return result
+    return finish(out, "capacity", s, base, data, rows, _report)
 
 
 def _report(out, result: dict) -> None:

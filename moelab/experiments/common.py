@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import MoelabError
+from moelab.fileio import write_atomic
 from moelab.params import count_params
 from moelab.presets import tiny
 from moelab.train import TrainConfig
@@ -96,9 +97,11 @@ def run_variant(name: str, cfg: TrainConfig, out: Path, data: RunData) -> dict:
     }
 
 
-def write_result(out: Path, result: dict) -> Path:
-    path = out / "result.json"
-    tmp = path.with_name(".result.json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+def finish(out: Path, experiment: str, s: ExperimentSettings, base: TrainConfig, data: RunData, rows: list[dict],
+           report: Callable[[Path, dict], None]) -> dict:
+    """Write ``result.json`` (every number) atomically, then the experiment's report; return the result."""
+    result = {"experiment": experiment, "quick": s.quick, "seed": s.seed, "steps": base.steps,
+              "unigram_entropy": data.unigram_entropy, "variants": rows}
+    write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
+    report(out, result)
+    return result

@@ -18,10 +18,10 @@ from moelab.config import RouterConfig
 from moelab.experiments.common import (
     ExperimentSettings,
     base_config,
+    finish,
     prepare_out,
     run_variant,
     shared_data,
-    write_result,
 )
 from moelab.report import md_table, save_figure, write_report
 from moelab.train import TrainConfig
@@ -73,11 +73,7 @@ def run_router_experiment(s: ExperimentSettings) -> dict:
         row = run_variant(name, transform(base), out, data)
         row["description"] = desc
         rows.append(row)
-    result = {"experiment": "routers", "quick": s.quick, "seed": s.seed, "steps": base.steps,
-              "unigram_entropy": data.unigram_entropy, "variants": rows}
-    write_result(out, result)
-    _report(out, result)
-    return result
+    return finish(out, "routers", s, base, data, rows, _report)
 
 
 def _report(out, result: dict) -> None:

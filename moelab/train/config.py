@@ -15,6 +15,7 @@ import yaml
 
 from moelab.config import ModelConfig, _from_dict
 from moelab.errors import ConfigError
+from moelab.fileio import write_atomic
 from moelab.presets import tiny
 
 # Fields that may change when a run is resumed: they do not change the computation of past steps.
@@ -73,9 +74,7 @@ class TrainConfig:
         return _from_dict(cls, data, "")
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import MoelabError
+from moelab.fileio import write_atomic
 from moelab.moe.metrics import load_balance_metrics
 
 
@@ -36,9 +37,7 @@ class MetricsLog:
         if truncate_after and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
         self.tb = None
         if tensorboard:
