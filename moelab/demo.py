@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_STEPS = 400
+DEMO_STEPS = 1000
 
 
 def _fresh_dir(base: Path) -> Path:

@@ -212,3 +212,21 @@ def test_bad_checkpoints(corpus_file, tmp_path):
         Trainer(tiny_cfg(corpus_file), tmp_path / "nothing", resume=True)
     with pytest.raises(ConfigError, match="seq_len"):
         tiny_cfg(corpus_file, seq_len=1000)
+
+
+def test_evaluate_samples_every_domain():
+    """Validation rows are stored domain by domain; a capped evaluation must still see each domain."""
+    from moelab.data import PackedData
+    from moelab.model import build_model
+    from moelab.train.trainer import evaluate
+    from tests.helpers import small_config
+
+    ids = torch.randint(0, 64, (20, 8))
+    domain_ids = torch.cat([torch.zeros(10, 8), torch.ones(10, 8)]).long()
+    data = PackedData(input_ids=ids, labels=ids.clone(), domain_ids=domain_ids, domains=["a", "b"])
+    model = build_model(small_config())
+    val = evaluate(model, data, batch_size=2, max_batches=2)
+    assert set(val["domains"]) == {"a", "b"}
+    assert val["val_tokens"] == 4 * 7  # 4 rows, 7 predicted tokens each
+    full = evaluate(model, data, batch_size=4, max_batches=100)
+    assert full["val_tokens"] == 20 * 7 and full["domains"]["a"]["tokens"] == 70

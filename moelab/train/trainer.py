@@ -89,17 +89,21 @@ class Batches:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batches: int) -> dict:
-    """Validation loss and perplexity, overall and per domain of the predicted token."""
+    """Validation loss and perplexity, overall and per domain of the predicted token, on
+    ``batch_size * max_batches`` rows evenly spaced over the validation set (all rows if fewer)."""
     was_training = model.training
     model.eval()
     n_dom = len(data.domains)
     loss_sum = torch.zeros(n_dom, dtype=torch.float64)
     count = torch.zeros(n_dom, dtype=torch.float64)
-    rows = min(len(data.input_ids), batch_size * max_batches)
+    n = len(data.input_ids)
+    rows = min(n, batch_size * max_batches)
+    # Rows evenly spaced over the validation set: documents are stored domain by domain, so the first
+    # rows alone would miss whole domains.
+    pick = torch.linspace(0, n - 1, rows).round().long() if rows < n else torch.arange(n)
     for start in range(0, rows, batch_size):
-        ids = data.input_ids[start:min(start + batch_size, rows)]
-        labels = data.labels[start:min(start + batch_size, rows)]
-        dom = data.domain_ids[start:min(start + batch_size, rows)]
+        idx = pick[start:start + batch_size]
+        ids, labels, dom = data.input_ids[idx], data.labels[idx], data.domain_ids[idx]
         logits = model(ids).logits[:, :-1].float()
         target, target_dom = labels[:, 1:], dom[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
