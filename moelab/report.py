@@ -95,12 +95,15 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def run_plots(train: list[dict], evals: list[dict], plot_dir: Path) -> dict[str, Path]:
+def run_plots(train: list[dict], evals: list[dict], plot_dir: Path, unigram_entropy: float | None = None
+              ) -> dict[str, Path]:
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*_series(train, "lm_loss"), label="train LM loss", alpha=0.7)
     if evals:
         ax.plot(*_series(evals, "val_loss"), "o-", label="validation loss")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, ls="--", color="gray", label="unigram entropy of the corpus")
     ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.legend(), ax.grid(alpha=0.3)
     plots["loss"] = save_figure(fig, plot_dir / "loss.png")
 
@@ -154,7 +157,7 @@ def write_run_report(run_dir: str | Path) -> dict[str, Path]:
     if not train:
         raise MoelabError(f"{run_dir}: metrics.jsonl has no training step yet; nothing to report")
     cfg_text = (run_dir / RUN_CONFIG).read_text() if (run_dir / RUN_CONFIG).is_file() else ""
-    plots = run_plots(train, evals, run_dir / "plots")
+    plots = run_plots(train, evals, run_dir / "plots", meta.get("unigram_entropy"))
 
     last, last_eval = train[-1], (evals[-1] if evals else {})
     tps = sorted(r["tokens_per_s"] for r in train)
