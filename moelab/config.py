@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -29,6 +30,7 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 QK_NORM_TYPES = ("none", "per_head", "full")
 SOFTMAX_ORDERS = ("topk_then_softmax", "softmax_then_topk")
+ROPE_TYPES = ("default", "longrope")
 
 
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
@@ -237,6 +239,17 @@ class AttentionConfig:
     qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) or "full" (OLMoE: over all heads)
     clip_qkv: float | None = None  # DBRX/OLMoE: clamp q, k, v to [-c, c]
     logit_softcap: float | None = None  # Grok-1: scores = c * tanh(scores / c)
+    # RoPE variant: "default" (plain RoPE) or "longrope" (Ding et al. 2024, LongRoPE; Phi-3 / Phi-3.5-MoE):
+    # frequency i is divided by a per-dimension factor, cos and sin are multiplied by an mscale. The
+    # rope_* fields below are used by longrope only; each factor list holds head_dim / 2 numbers.
+    rope_type: str = "default"
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
+    # cos/sin multiplier when the sequence is <= / > rope_original_max_len; None: the LongRoPE default
+    # sqrt(1 + ln(s) / ln(rope_original_max_len)), s = max_seq_len / rope_original_max_len (1.0 if s <= 1).
+    rope_short_mscale: float | None = None
+    rope_long_mscale: float | None = None
+    rope_original_max_len: int | None = None  # the pretraining context (HF original_max_position_embeddings)
 
     def __post_init__(self) -> None:
         _positive("attention.num_heads", self.num_heads)
@@ -259,6 +272,34 @@ class AttentionConfig:
             _positive("attention.clip_qkv", self.clip_qkv)
         if self.logit_softcap is not None:
             _positive("attention.logit_softcap", self.logit_softcap)
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        _choice("attention.rope_type", self.rope_type, ROPE_TYPES)
+        for name in ("rope_short_factor", "rope_long_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or any(
+                    isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in value):
+                raise ConfigError(f"attention.{name}", value, "must be a list of positive numbers")
+            setattr(self, name, tuple(float(f) for f in value))
+        for name in ("rope_short_mscale", "rope_long_mscale", "rope_original_max_len"):
+            if getattr(self, name) is not None:
+                _positive(f"attention.{name}", getattr(self, name))
+        longrope_fields = ("rope_short_factor", "rope_long_factor", "rope_short_mscale", "rope_long_mscale",
+                           "rope_original_max_len")
+        if self.rope_type == "default":
+            for name in longrope_fields:
+                if getattr(self, name) not in (None, ()):
+                    raise ConfigError(f"attention.{name}", getattr(self, name),
+                                      "is used only with attention.rope_type=longrope; set rope_type or remove it")
+            return
+        for name in ("rope_short_factor", "rope_long_factor"):
+            if not getattr(self, name):
+                raise ConfigError(f"attention.{name}", (), "rope_type=longrope needs head_dim / 2 factors")
+        if self.rope_original_max_len is None or self.rope_original_max_len < 2:
+            raise ConfigError("attention.rope_original_max_len", self.rope_original_max_len,
+                              "rope_type=longrope needs the pretraining context length >= 2 (HF "
+                              "original_max_position_embeddings)")
 
     @property
     def kv_heads(self) -> int:
@@ -307,6 +348,12 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError("attention.head_dim", self.head_dim, "d_model / num_heads must be even for RoPE")
+        if self.attention.rope_type == "longrope":
+            for name in ("rope_short_factor", "rope_long_factor"):
+                n = len(getattr(self.attention, name))
+                if n != self.head_dim // 2:
+                    raise ConfigError(f"attention.{name}", f"{n} factors",
+                                      f"needs head_dim / 2 = {self.head_dim // 2} factors (one per RoPE frequency)")
         if self.moe is not None:
             for i in self.moe.dense_layers:
                 if i >= self.num_layers:
@@ -320,6 +367,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    def rope_mscales(self) -> tuple[float, float]:
+        """LongRoPE's (short, long) cos/sin multipliers, the unset ones at the LongRoPE default
+        sqrt(1 + ln(s) / ln(L)), s = max_seq_len / L, L = rope_original_max_len (as HF's
+        ``_compute_longrope_parameters`` attention factor). (1.0, 1.0) for plain RoPE."""
+        a = self.attention
+        if a.rope_type != "longrope":
+            return 1.0, 1.0
+        s = self.max_seq_len / a.rope_original_max_len
+        default = math.sqrt(1 + math.log(s) / math.log(a.rope_original_max_len)) if s > 1.0 else 1.0
+        return (default if a.rope_short_mscale is None else a.rope_short_mscale,
+                default if a.rope_long_mscale is None else a.rope_long_mscale)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(i)

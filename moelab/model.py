@@ -1,9 +1,9 @@
 """The decoder-only transformer whose FFNs can be MoE layers.
 
 Features: token embedding (optionally scaled), pre-norm blocks with RMSNorm or LayerNorm (optionally
-sandwich norms, Grok-1), RoPE attention with MHA/GQA/MQA, sliding window, q/k norm, clip_qkv and
-logit soft-cap, dense SwiGLU or MoE FFN per block (MoE every P-th layer, first k dense), tied or
-untied LM head with optional bias, KV cache for decoding.
+sandwich norms, Grok-1), RoPE or LongRoPE (Phi-3.5-MoE) attention with MHA/GQA/MQA, sliding window,
+q/k norm, clip_qkv and logit soft-cap, dense SwiGLU or MoE FFN per block (MoE every P-th layer,
+first k dense), tied or untied LM head with optional bias, KV cache for decoding.
 
 Shape legend: B batch, T positions, D model dim, V vocab.
 """
@@ -22,7 +22,7 @@ from moelab.config import ModelConfig
 from moelab.layers.attention import Attention, KVCache, LayerKVCache
 from moelab.layers.mlp import GatedMLP
 from moelab.layers.norm import make_norm
-from moelab.layers.rope import rope_cos_sin
+from moelab.layers.rope import model_rope_cos_sin
 from moelab.moe.layer import MoELayer
 
 
@@ -107,7 +107,7 @@ class MoETransformer(nn.Module):
         B, T = input_ids.shape
         start = cache.seq_len if cache is not None else 0
         positions_T = torch.arange(start, start + T, device=input_ids.device)
-        cos_TD, sin_TD = rope_cos_sin(positions_T, self.config.head_dim, self.config.attention.rope_theta)
+        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)  # (T, Dh) each
         x_BTD = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x_BTD = x_BTD * self.config.embedding_multiplier

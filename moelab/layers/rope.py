@@ -1,19 +1,51 @@
-"""Rotary position embedding (Su et al. 2021), half-split layout as in Llama/Mixtral/HF.
+"""Rotary position embedding (Su et al. 2021), half-split layout as in Llama/Mixtral/HF, and its
+LongRoPE variant (Ding et al. 2024) as run by HF ``modeling_phimoe`` for Phi-3.5-MoE.
 
 Shape legend: B batch, H heads, T query positions, Dh head dim.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from moelab.config import ModelConfig
 
-def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, Dh) for integer positions, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_T.device) / head_dim))
-    freqs_TH = positions_T.float()[:, None] * inv_freq[None, :]  # (T, Dh/2)
+
+def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float, factors: Sequence[float] | None = None,
+                 mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, Dh) for integer positions, computed in fp32.
+
+    LongRoPE: frequency i is theta^(-2i/Dh) / factors[i] (``factors``: Dh/2 numbers), and cos and
+    sin are multiplied by ``mscale`` (so attention logits by mscale^2)."""
+    exponent_H = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_T.device) / head_dim
+    if factors is None:
+        inv_freq_H = 1.0 / (theta ** exponent_H)  # (Dh/2,)
+    else:
+        factors_H = torch.tensor(factors, dtype=torch.float32, device=positions_T.device)  # (Dh/2,)
+        inv_freq_H = 1.0 / (factors_H * theta ** exponent_H)
+    freqs_TH = positions_T.float()[:, None] * inv_freq_H[None, :]  # (T, Dh/2)
     emb_TD = torch.cat([freqs_TH, freqs_TH], dim=-1)  # (T, Dh)
-    return emb_TD.cos(), emb_TD.sin()
+    if mscale == 1.0:
+        return emb_TD.cos(), emb_TD.sin()
+    return emb_TD.cos() * mscale, emb_TD.sin() * mscale
+
+
+def model_rope_cos_sin(config: ModelConfig, positions_T: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, Dh) for the RoPE variant of ``config.attention``; ``seq_len`` is the largest
+    position + 1 (cache length + new tokens), which picks LongRoPE's mscale."""
+    a = config.attention
+    if a.rope_type == "default":
+        return rope_cos_sin(positions_T, config.head_dim, a.rope_theta)
+    # NOTE: Microsoft's original Phi-3.5-MoE remote code switches to rope_long_factor once the sequence
+    # is longer than rope_original_max_len. transformers (5.23 PhimoeRotaryEmbedding.forward calls its
+    # rope_init_fn without seq_len) uses rope_short_factor at every length and switches only the mscale.
+    # moelab follows transformers, for logit parity with it; past rope_original_max_len the logits
+    # therefore differ from the remote code's.
+    short_mscale, long_mscale = config.rope_mscales()
+    mscale = long_mscale if seq_len > a.rope_original_max_len else short_mscale
+    return rope_cos_sin(positions_T, config.head_dim, a.rope_theta, factors=a.rope_short_factor, mscale=mscale)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,17 @@ V, D, T = 96, 32, 12
 LLAMA = dict(vocab_size=V, hidden_size=D, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 
+
+def _factors(n: int, seed: int, spread: float) -> list[float]:
+    """n LongRoPE factors in [1, 1 + spread), seeded: non-trivial, different per frequency."""
+    return (1.0 + spread * torch.rand(n, generator=torch.Generator().manual_seed(seed))).tolist()
+
+
+# Phi-3.5-MoE's LongRoPE with a 16-token "pretraining context", so that both of HF's mscale branches
+# (sequence <= 16: short_mscale, longer: long_mscale) are reachable with tiny inputs; head_dim 16: 8 factors.
+LONGROPE = {"type": "longrope", "short_factor": _factors(8, 0, 1.0), "long_factor": _factors(8, 1, 3.0),
+            "short_mscale": 1.3, "long_mscale": 1.7, "original_max_position_embeddings": 16}
+
 # (family, variant name, config kwargs)
 VARIANTS = [
     ("mixtral", "gqa", dict(LLAMA, num_local_experts=4, num_experts_per_tok=2)),
@@ -24,6 +35,8 @@ VARIANTS = [
     ("phimoe", "biases", dict(LLAMA, num_local_experts=4, attention_bias=True, lm_head_bias=True)),
     ("phimoe", "swa-wide-mask", dict(LLAMA, num_local_experts=6, sliding_window=4, router_jitter_noise=0.3,
                                      num_hidden_layers=3)),
+    ("phimoe", "longrope", dict(LLAMA, num_local_experts=4, head_dim=16, rope_theta=1e4, rope_scaling=LONGROPE,
+                                attention_bias=True)),
     ("dbrx", "clip-l1", dict(d_model=D, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
                              rope_parameters={"rope_type": "default", "rope_theta": 5e5},
                              attn_config=dict(kv_n_heads=2, clip_qkv=0.06, rope_theta=5e5),

@@ -3,6 +3,7 @@ moelab -> export_hf -> transformers, on several tiny configs per family (see hf_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,3 +96,46 @@ def test_dbrx_null_normalisation_is_not_the_default():
     off = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {"moe_normalize_expert_weights": None}})
     on = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {}})
     assert (off.moe.router.norm_topk_prob, on.moe.router.norm_topk_prob) == (False, True)
+
+
+
+@pytest.fixture(scope="module")
+def longrope_models(tmp_path_factory):
+    """The phimoe-longrope variant with q/k/v/o weights x10: attention is sharp and carries a large part of
+    the residual stream, so rotary angles and mscale move the logits (at init scale they barely do)."""
+    model = build_hf_model("phimoe", VARIANTS[IDS.index("phimoe-longrope")][2])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                p.mul_(10.0)
+    d = tmp_path_factory.mktemp("phimoe-longrope-sharp")
+    model.save_pretrained(d)
+    return transformers.AutoModelForCausalLM.from_pretrained(d).eval(), moelab.load(d)
+
+
+@pytest.mark.parametrize("T,branch", [(8, "short"), (24, "long")])
+def test_phimoe_longrope_both_mscale_branches(longrope_models, T, branch):
+    """original_max_position_embeddings = 16: 8 tokens take short_mscale, 24 take long_mscale (HF runs
+    short_factor at both lengths); moelab matches transformers on each side."""
+    hf, model = longrope_models
+    a = model.config.attention
+    assert (a.rope_type, a.rope_original_max_len, a.rope_short_mscale, a.rope_long_mscale) == ("longrope", 16, 1.3, 1.7)
+    ids = torch.randint(0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids).logits
+    assert max_rel_diff(out, ref) <= BOUND
+
+    def logits_with(**changes):
+        cfg = dataclasses.replace(model.config, attention=dataclasses.replace(a, **changes))
+        other = moelab.build_model(cfg).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return other(ids).logits
+
+    # the branch matters: the other branch's mscale, or plain RoPE, moves the logits far outside the bound
+    other = "long" if branch == "short" else "short"
+    assert max_rel_diff(logits_with(**{f"rope_{branch}_mscale": getattr(a, f"rope_{other}_mscale")}), ref) > 100 * BOUND
+    plain = dict(rope_type="default", rope_short_factor=(), rope_long_factor=(), rope_short_mscale=None,
+                 rope_long_mscale=None, rope_original_max_len=None)
+    assert max_rel_diff(logits_with(**plain), ref) > 100 * BOUND

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,12 +100,23 @@ def activation_to_hf(cfg: ModelConfig) -> str:
 
 
 def rope_theta_from_hf(hf: HFConfig, default: float) -> float:
-    """Plain RoPE only. Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``
-    (older config.json files). Scaled RoPE variants (linear, dynamic, yarn, longrope, llama3) are an
+    """Plain RoPE only: the theta of :func:`rope_from_hf`; every scaled RoPE type is an error naming it,
+    except when the config is read only to count parameters."""
+    return rope_from_hf(hf, default)["rope_theta"]
+
+
+def rope_from_hf(hf: HFConfig, default_theta: float, scaled: tuple[str, ...] = ()) -> dict:
+    """The RoPE fields of AttentionConfig. Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
+    ``rope_scaling`` (older config.json files). A scaled RoPE type is mapped when the family runs it
+    (``scaled``: phimoe's ``longrope``); any other (linear, dynamic, yarn, llama3, longrope elsewhere) is an
     error naming the type, except when the config is read only to count parameters."""
     params = hf.take("rope_parameters", None)
     scaling = hf.take("rope_scaling", None)
     theta = hf.take("rope_theta", None)
+    # The hub's Phi-3.5-MoE config.json repeats original_max_position_embeddings at the top level; HF
+    # copies the longrope block's value over it, so the block wins and the top level is a fallback.
+    top_original_max = hf.take("original_max_position_embeddings", None) if "longrope" in scaled else None
+    fields: dict = {}
     for name, block in (("rope_parameters", params), ("rope_scaling", scaling)):
         if block is None:
             continue
@@ -115,14 +126,62 @@ def rope_theta_from_hf(hf: HFConfig, default: float) -> float:
         rtype = block.pop("rope_type", block.pop("type", "default"))
         if "rope_theta" in block:
             theta = block.pop("rope_theta")
-        if (rtype != "default" or block) and not hf.counting_only:
+        if rtype == "default" and not block:
+            continue
+        if rtype == "longrope" and "longrope" in scaled:
+            sub = HFConfig(block, f"{hf.where} {name}", hf.counting_only)
+            sub.model_type = hf.model_type
+            these = _longrope_from_hf(sub, top_original_max)
+            sub.finish()
+            if fields and fields != these:
+                raise hf.error(name, block, "rope_parameters and rope_scaling disagree; keep one of them")
+            fields = these
+        elif not hf.counting_only:
+            runs = "plain RoPE (rope_type 'default' with rope_theta)" + "".join(f" and {t}" for t in scaled)
             raise hf.error(f"{name}.rope_type", rtype if rtype != "default" else block,
-                           "moelab implements plain RoPE only (rope_type 'default' with rope_theta); "
-                           "scaled RoPE variants are not supported yet")
-    theta = default if theta is None else theta
+                           f"moelab runs only {runs} for {hf.model_type}; other scaled RoPE variants are not "
+                           "supported yet")
+    theta = default_theta if theta is None else theta
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise hf.error("rope_theta", theta, "must be a positive number")
-    return float(theta)
+    return {"rope_theta": float(theta), **fields}
+
+
+def _longrope_from_hf(block: HFConfig, top_original_max: int | None) -> dict:
+    """HF phimoe's longrope block -> AttentionConfig fields. Both mscales are required, as HF
+    PhimoeConfig.validate_rope requires them."""
+    factors = {}
+    for hf_name in ("short_factor", "long_factor"):
+        value = block.take(hf_name)
+        if not isinstance(value, list) or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0
+                                              for f in value):
+            raise block.error(hf_name, value, "must be a list of positive numbers (head_dim / 2 of them)")
+        factors[hf_name] = tuple(float(f) for f in value)
+    original = block.take("original_max_position_embeddings", top_original_max)
+    if isinstance(original, bool) or not isinstance(original, int) or original < 2:
+        raise block.error("original_max_position_embeddings", original, "must be an integer >= 2")
+    # factor / attention_factor only set HF's default attention scale, which phimoe never uses: its
+    # forward always takes short_mscale / long_mscale.
+    block.ignore("factor", "attention_factor")
+    return {"rope_type": "longrope", "rope_short_factor": factors["short_factor"],
+            "rope_long_factor": factors["long_factor"], "rope_original_max_len": original,
+            "rope_short_mscale": block.take_float("short_mscale", minimum=0.0, allow_equal=False),
+            "rope_long_mscale": block.take_float("long_mscale", minimum=0.0, allow_equal=False)}
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict:
+    """The inverse of :func:`rope_from_hf`: ``rope_parameters`` (+ ``rope_theta``, and for longrope the
+    top-level ``original_max_position_embeddings`` the hub configs carry). Unset mscales are written
+    resolved (HF phimoe requires both)."""
+    a = cfg.attention
+    if a.rope_type == "default":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta}
+    short_mscale, long_mscale = cfg.rope_mscales()
+    return {"rope_parameters": {"rope_type": "longrope", "rope_theta": a.rope_theta,
+                                "short_factor": list(a.rope_short_factor), "long_factor": list(a.rope_long_factor),
+                                "short_mscale": short_mscale, "long_mscale": long_mscale,
+                                "original_max_position_embeddings": a.rope_original_max_len},
+            "rope_theta": a.rope_theta, "original_max_position_embeddings": a.rope_original_max_len}
 
 
 def lb_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int) -> float:
@@ -137,9 +196,11 @@ def lb_coef_to_hf(cfg: ModelConfig) -> float:
     return cfg.moe.router.load_balance_coef * n / cfg.moe.router.top_k
 
 
-def common_export_problems(cfg: ModelConfig) -> list[str]:
-    """Features no supported HF family expresses."""
+def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("default",)) -> list[str]:
+    """Features no supported HF family expresses (``rope_types``: the RoPE variants the family runs)."""
     p = []
+    if cfg.attention.rope_type not in rope_types:
+        p.append(f"attention.rope_type={cfg.attention.rope_type}")
     if cfg.moe is None:
         p.append("a dense model (moe: null)")
         return p
@@ -249,9 +310,11 @@ class LlamaCommon:
     activation: str
     init_std: float
     rope_theta: float
+    rope_scaling: dict = field(default_factory=dict)  # AttentionConfig fields of a scaled RoPE (phimoe longrope)
 
 
-def read_llama_common(hf: HFConfig, default_theta: float, eps_default: float = 1e-6) -> LlamaCommon:
+def read_llama_common(hf: HFConfig, default_theta: float, eps_default: float = 1e-6,
+                      scaled_rope: tuple[str, ...] = ()) -> LlamaCommon:
     d = hf.take_int("hidden_size")
     heads = hf.take_int("num_attention_heads")
     head_dim = hf.take("head_dim", None)
@@ -266,10 +329,15 @@ def read_llama_common(hf: HFConfig, default_theta: float, eps_default: float = 1
         norm_eps=hf.take_float("rms_norm_eps", eps_default, minimum=0.0, allow_equal=False),
         tie=hf.take_bool("tie_word_embeddings", False), activation=activation_from_hf(hf),
         init_std=hf.take_float("initializer_range", 0.02, minimum=0.0, allow_equal=False),
-        rope_theta=rope_theta_from_hf(hf, default_theta))
+        **_split_rope(rope_from_hf(hf, default_theta, scaled_rope)))
     # attention_dropout is applied by HF only in training; moelab has no dropout, so inference is exact.
     hf.take_float("attention_dropout", 0.0)
     return common
+
+
+def _split_rope(fields: dict) -> dict:
+    fields = dict(fields)
+    return {"rope_theta": fields.pop("rope_theta"), "rope_scaling": fields}
 
 
 def write_llama_common(cfg: ModelConfig) -> dict:
@@ -280,7 +348,7 @@ def write_llama_common(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": activation_to_hf(cfg),
         "initializer_range": cfg.init_std, "attention_dropout": 0.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta,
+        **rope_to_hf(cfg),
     }
 
 

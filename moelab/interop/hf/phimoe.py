@@ -1,6 +1,9 @@
 """PhiMoE / Phi-3.5-MoE (HF ``modeling_phimoe``): LayerNorm with bias (eps from ``rms_norm_eps``),
 optional biases on q/k/v/o (``attention_bias``) and the LM head (``lm_head_bias``), every layer an
-MoE routed by SparseMixer (moelab router ``sparsemixer``; HF always picks exactly 2 experts).
+MoE routed by SparseMixer (moelab router ``sparsemixer``; HF always picks exactly 2 experts), and
+LongRoPE (``rope_scaling`` / ``rope_parameters`` of type ``longrope``, every published checkpoint) as
+HF runs it: short factors at every length, long_mscale past original_max_position_embeddings (see the
+NOTE in ``moelab/layers/rope.py``).
 
 Field meanings that differ from Mixtral: ``router_jitter_noise`` is SparseMixer's mask threshold
 eps (it changes eval-mode routing), ``input_jitter_noise`` is the training-only input jitter.
@@ -24,7 +27,7 @@ class PhimoeAdapter(Adapter):
     architecture = "PhimoeForCausalLM"
 
     def to_moelab(self, hf: HFConfig) -> ModelConfig:
-        c = read_llama_common(hf, default_theta=1e6, eps_default=1e-5)
+        c = read_llama_common(hf, default_theta=1e6, eps_default=1e-5, scaled_rope=("longrope",))
         E = hf.take_int("num_local_experts", 16, "num_experts")
         F_ = hf.take_int("intermediate_size", 6400)  # the expert width (no dense layers)
         K = hf.take_int("num_experts_per_tok", 2)
@@ -35,9 +38,8 @@ class PhimoeAdapter(Adapter):
         if window is not None:
             window = hf.take_int("sliding_window")
         bias = hf.take_bool("attention_bias", False)
-        # Hub-only fields HF's PhimoeConfig does not read: hidden_dropout (training-only dropout) and
-        # original_max_position_embeddings (only meaningful inside a longrope rope_scaling block).
-        hf.ignore("hidden_dropout", "original_max_position_embeddings")
+        # Hub-only field HF's PhimoeConfig does not read: hidden_dropout (training-only dropout).
+        hf.ignore("hidden_dropout")
         router = RouterConfig(
             type="sparsemixer", top_k=2,
             sparsemixer_eps=hf.take_float("router_jitter_noise", 0.01),
@@ -49,11 +51,12 @@ class PhimoeAdapter(Adapter):
             activation=c.activation, tie_embeddings=c.tie, init_std=c.init_std,
             lm_head_bias=hf.take_bool("lm_head_bias", False),
             attention=AttentionConfig(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                      rope_theta=c.rope_theta, sliding_window=window, qkv_bias=bias, out_bias=bias),
+                                      rope_theta=c.rope_theta, sliding_window=window, qkv_bias=bias, out_bias=bias,
+                                      **c.rope_scaling),
             moe=MoEConfig(num_experts=E, expert_ffn_dim=F_, router=router))
 
     def from_moelab(self, cfg: ModelConfig) -> dict:
-        p = common_export_problems(cfg)
+        p = common_export_problems(cfg, rope_types=("default", "longrope"))
         if not p:
             a, m = cfg.attention, cfg.moe
             p += moe_layer_problems(cfg)
