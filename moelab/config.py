@@ -25,6 +25,7 @@ from moelab.fileio import write_atomic
 # Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
 ROUTER_TYPES = ("topk", "sparsemixer", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
 DROP_PRIORITIES = ("position", "score")
+BALANCE_SCOPES = ("batch", "sequence")
 EXPERT_CHOICE_EVAL = ("topk", "batch")
 NORM_TYPES = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -82,6 +83,10 @@ class RouterConfig:
     comm_balance_coef: float = 0.0
     # DeepSeek-V3 eq. 17-20 sequence-wise balance loss, averaged over sequences; 1e-4 in V3.
     seq_balance_coef: float = 0.0
+    # Over which tokens T the expert / device / communication balance losses count f and P: the
+    # whole batch, or each sequence with the losses averaged over sequences (DeepSeek-V2 §2.2.3
+    # defines them per sequence; HF's ``seq_aux``).
+    balance_scope: str = "batch"
     # Expert groups (devices / nodes) of E / n_group contiguous experts: group-limited routing keeps
     # the best ``topk_group`` groups (deepseek_v2 / deepseek_v3); the device and communication losses
     # use the same groups.
@@ -132,6 +137,7 @@ class RouterConfig:
             if getattr(self, name) is not None:
                 _positive(f"router.{name}", getattr(self, name))
         _choice("router.drop_priority", self.drop_priority, DROP_PRIORITIES)
+        _choice("router.balance_scope", self.balance_scope, BALANCE_SCOPES)
         _choice("router.expert_choice_eval", self.expert_choice_eval, EXPERT_CHOICE_EVAL)
         _positive("router.n_group", self.n_group)
         if self.topk_group is not None:

@@ -150,3 +150,29 @@ def test_every_loss_logged_by_name_and_weighted():
     # all off: no aux loss at all
     cfg0 = small_config(router=RouterConfig(top_k=2, load_balance_coef=0.0))
     assert build_model(cfg0)(ids, labels=ids).aux_losses == {}
+
+
+def test_balance_scope_sequence_by_hand():
+    """DeepSeek-V2 counts f and P per sequence: two sequences each sending every token to its own
+    expert are balanced over the batch (loss 1) but not within a sequence (loss 1.8 by hand)."""
+    from moelab.config import RouterConfig
+    from moelab.moe.balancing import add_aux_losses, expert_balance_loss, per_sequence
+    from moelab.moe.routing import Routing
+
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    idx_TK = torch.tensor([[0], [0], [1], [1]])
+    routing = Routing.from_topk(idx_TK, torch.ones(4, 1), probs.log(), probs)
+    results = {}
+    for scope in ("batch", "sequence"):
+        cfg = RouterConfig(top_k=1, load_balance_coef=0.0, expert_balance_coef=1.0, balance_scope=scope)
+        r = Routing.from_topk(idx_TK, torch.ones(4, 1), probs.log(), probs)
+        add_aux_losses(cfg, r, seq_len=2)
+        results[scope] = r.aux_losses["expert_balance"].item()
+    # batch: f = 2/(1*4) * [2, 2] = [1, 1], P = [0.5, 0.5] -> 1.0
+    assert results["batch"] == pytest.approx(1.0)
+    # each sequence: f = 2/(1*2) * [2, 0] = [2, 0], P = [0.9, 0.1] -> 1.8; mean over sequences 1.8
+    assert results["sequence"] == pytest.approx(1.8)
+    # one sequence: the per-sequence loss is the batch loss
+    one = per_sequence(lambda p, t, e: expert_balance_loss(p, e, 1), probs, routing.token_idx_A,
+                       routing.expert_idx_A, seq_len=4)
+    assert one.item() == pytest.approx(expert_balance_loss(probs, routing.expert_idx_A, 1).item())

@@ -23,6 +23,7 @@ from moelab.presets import PRESETS
     (lambda: AttentionConfig(sliding_window=0), "sliding_window"),
     (lambda: AttentionConfig(qk_norm="sometimes"), "qk_norm"),
     (lambda: RouterConfig(jitter_eps=1.5), "jitter_eps"),
+    (lambda: RouterConfig(balance_scope="device"), "balance_scope"),
     (lambda: RouterConfig(load_balance_coef=-0.1), "load_balance_coef"),
     (lambda: MoEConfig(moe_every=2, moe_offset=2), "moe_offset"),
     (lambda: MoEConfig(shared_expert_gate=True), "shared_expert_gate"),

@@ -53,10 +53,11 @@ ROUTER_VARIANTS: dict[str, tuple[str, Callable[[TrainConfig], TrainConfig]]] = {
                       lambda c: _router(c, type="expert_choice", capacity_factor=1.0)),
     "top_p": ("dynamic top-p, p = 0.4; LB 0.01 + entropy loss 1e-4 (Huang et al. 2024)",
               lambda c: _router(c, type="top_p", top_p=0.4, load_balance_coef=0.01, entropy_loss_coef=1e-4)),
-    "deepseek_v2": ("softmax, 4 groups keep 2, expert/device/comm balance 0.003/0.05/0.02 (DeepSeek-V2)",
+    "deepseek_v2": ("softmax, 4 groups keep 2, per-sequence expert/device/comm balance 0.003/0.05/0.02 "
+                    "(DeepSeek-V2)",
                     lambda c: _router(c, type="deepseek_v2", softmax_order="softmax_then_topk", n_group=4,
                                       topk_group=2, expert_balance_coef=0.003, device_balance_coef=0.05,
-                                      comm_balance_coef=0.02)),
+                                      comm_balance_coef=0.02, balance_scope="sequence")),
     "deepseek_v3": ("sigmoid, 4 groups keep 2, aux-loss-free bias gamma 1e-3 + seq loss 1e-4 (DeepSeek-V3)",
                     lambda c: _router(c, type="deepseek_v3", n_group=4, topk_group=2, bias_update_rate=1e-3,
                                       seq_balance_coef=1e-4)),

@@ -133,23 +133,42 @@ def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, ex
     return (f_BE.detach() * P_BE).sum(dim=-1).mean()
 
 
+def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
+                 seq_len: int) -> torch.Tensor:
+    """Mean over the T / seq_len sequences of ``loss_fn(probs_SE, token_idx, expert_idx)`` evaluated
+    on each sequence's own tokens and assignments (tokens ordered sequence-major)."""
+    seq_A = token_idx_A // seq_len
+    losses = []
+    for b in range(probs_TE.shape[0] // seq_len):
+        mine_A = seq_A == b
+        losses.append(loss_fn(probs_TE[b * seq_len:(b + 1) * seq_len], token_idx_A[mine_A] - b * seq_len,
+                              expert_idx_A[mine_A]))
+    return torch.stack(losses).mean()
+
+
 def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int) -> None:
     """Every balance loss whose coefficient is > 0, times that coefficient, into
     ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
     Computed on the router's choices before any capacity dropping (as Switch does)."""
     E, K = routing.num_experts, cfg.top_k
+
+    def scoped(loss_fn):  # (probs_TE, token_idx_A, expert_idx_A) -> loss, over the batch or per sequence
+        if cfg.balance_scope == "sequence":
+            return per_sequence(loss_fn, routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len)
+        return loss_fn(routing.probs_TE, routing.token_idx_A, routing.expert_idx_A)
+
     losses = {
         "load_balance": (cfg.load_balance_coef,
                          lambda: switch_load_balance_loss(routing.probs_TE, routing.expert_idx_A)),
         "z_loss": (cfg.z_loss_coef, lambda: router_z_loss(routing.logits_TE)),
         "importance": (cfg.importance_loss_coef, lambda: importance_loss(routing.weight_A, routing.expert_idx_A, E)),
         "entropy": (cfg.entropy_loss_coef, lambda: entropy_loss(routing.probs_TE)),
-        "expert_balance": (cfg.expert_balance_coef,
-                           lambda: expert_balance_loss(routing.probs_TE, routing.expert_idx_A, K)),
-        "device_balance": (cfg.device_balance_coef,
-                           lambda: device_balance_loss(routing.probs_TE, routing.expert_idx_A, K, cfg.n_group)),
-        "comm_balance": (cfg.comm_balance_coef, lambda: comm_balance_loss(
-            routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, cfg.n_group, cfg.topk_groups)),
+        "expert_balance": (cfg.expert_balance_coef, lambda: scoped(
+            lambda p, t, e: expert_balance_loss(p, e, K))),
+        "device_balance": (cfg.device_balance_coef, lambda: scoped(
+            lambda p, t, e: device_balance_loss(p, e, K, cfg.n_group))),
+        "comm_balance": (cfg.comm_balance_coef, lambda: scoped(
+            lambda p, t, e: comm_balance_loss(p, t, e, cfg.n_group, cfg.topk_groups))),
         "seq_balance": (cfg.seq_balance_coef, lambda: sequence_balance_loss(
             routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len, K)),
     }
