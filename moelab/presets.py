@@ -105,14 +105,16 @@ def qwen1_5_moe_a2_7b() -> ModelConfig:
 
 def phi_3_5_moe() -> ModelConfig:
     """Phi-3.5-MoE (HF microsoft/Phi-3.5-MoE-instruct config.json): LayerNorm with bias, biases on
-    q/k/v/o and the LM head (true in the hub config, false in the HF class), 16 experts top-2,
-    router jitter 0.01."""
+    q/k/v/o and the LM head (true in the hub config, false in the HF class), 16 experts routed by
+    SparseMixer top-2 (router_jitter_noise 0.01 is its epsilon; input_jitter_noise 0.01).
+    NOTE: the hub config's LongRoPE factors are not part of this preset (plain RoPE); load the real
+    config.json with ``moelab.load`` / ``moelab params`` to get them. Counts are unaffected."""
     return ModelConfig(
         vocab_size=32064, d_model=4096, num_layers=32, max_seq_len=131072, dense_ffn_dim=6400,
         norm="layernorm", lm_head_bias=True,
         attention=AttentionConfig(num_heads=32, num_kv_heads=8, rope_theta=10000.0, qkv_bias=True, out_bias=True),
         moe=MoEConfig(num_experts=16, expert_ffn_dim=6400, router=RouterConfig(
-            top_k=2, jitter_eps=0.01, load_balance_coef=0.001)),
+            type="sparsemixer", top_k=2, sparsemixer_eps=0.01, jitter_eps=0.01, load_balance_coef=0.001)),
     )
 
 
