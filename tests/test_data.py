@@ -377,3 +377,23 @@ def test_cli_data_info_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert main(["data", "info", "--vocab-size", "10", "--cache-dir", str(tmp_path)]) == 2
     assert "vocab_size=10" in capsys.readouterr().err
+
+
+def test_tokenizer_from_elsewhere_finds_its_eos(tmp_path):
+    """A tokenizer.json of a Hugging Face model directory: eos from tokenizer_config.json, else </s>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from moelab.data import Tokenizer
+    from moelab.errors import CheckpointError
+
+    vocab = {"<s>": 0, "</s>": 1, "<eot>": 2, "a": 3, "b": 4}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="a"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tokenizer.json").write_text(hf.to_str())
+    assert Tokenizer.load(tmp_path).eos_id == 1  # falls back to </s>
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": {"content": "<eot>", "lstrip": false}}')
+    assert Tokenizer.load(tmp_path).eos_id == 2  # the config's eos_token wins
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<missing>"}')
+    with pytest.raises(CheckpointError, match="<missing>"):
+        Tokenizer.load(tmp_path)

@@ -22,16 +22,23 @@ from moelab.errors import CheckpointError, ConfigError
 
 EOS = "<|endoftext|>"
 FILENAME = "tokenizer.json"
+# End-of-text tokens of tokenizers trained elsewhere (Hugging Face model directories), tried in order
+# when there is no <|endoftext|> and no tokenizer_config.json naming one.
+OTHER_EOS = ("</s>", "<|end_of_text|>", "<|im_end|>", "<eos>", "<|eot_id|>")
 MIN_VOCAB = 257  # 256 byte symbols + eos
 
 
 class Tokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` with moelab's conventions (eos, save/load)."""
 
-    def __init__(self, tok: HFTokenizer):
-        eos_id = tok.token_to_id(EOS)
+    def __init__(self, tok: HFTokenizer, eos_token: str | None = None):
+        """``eos_token``: the end-of-text token of a tokenizer trained elsewhere (default: moelab's
+        ``<|endoftext|>``, else the first of ``OTHER_EOS`` the vocabulary has)."""
+        candidates = (eos_token,) if eos_token else (EOS, *OTHER_EOS)
+        eos_id = next((i for i in (tok.token_to_id(c) for c in candidates) if i is not None), None)
         if eos_id is None:
-            raise CheckpointError(f"tokenizer has no {EOS!r} token; train it with moelab.data.train_tokenizer")
+            raise CheckpointError(f"tokenizer has none of the end-of-text tokens {list(candidates)}; train it with "
+                                  "moelab.data.train_tokenizer or name its eos_token in tokenizer_config.json")
         tok.encode_special_tokens = True  # see NOTE above
         self._tok = tok
         self.eos_id: int = eos_id
@@ -79,13 +86,24 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a plain Exception on a malformed file
             raise CheckpointError(f"{file}: not a valid tokenizer file ({str(e).splitlines()[0][:200]}); "
                                   "it may be truncated: copy it again from the run that trained it") from e
-        return cls(tok)
+        return cls(tok, _hf_eos_token(file.parent / "tokenizer_config.json"))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self.to_str() == other.to_str()
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _hf_eos_token(config: Path) -> str | None:
+    """The ``eos_token`` a Hugging Face ``tokenizer_config.json`` names (a string or {"content": ...})."""
+    if not config.is_file():
+        return None
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{config}: not valid JSON ({e})") from e
+    return eos.get("content") if isinstance(eos, dict) else eos
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0,
