@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from moelab.errors import MoelabError
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_entry() -> None:
+    if "--debug" not in sys.argv[1:]:  # one line per warning, without the source line that raised it
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"moelab: warning: {message}\n"
     sys.exit(main())
 
 
