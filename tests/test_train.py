@@ -243,3 +243,20 @@ def test_generate_from_exported_hf_directory(corpus_file, tmp_path, capsys):
                      "--json"]) == 0
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completion"])
     assert outs[0] == outs[1] and len(outs[0]) > 0
+
+
+def test_tensorboard_sink_or_clear_error(tmp_path):
+    """--tensorboard writes event files when the optional package is there, else names the fix."""
+    from moelab.train.metrics import MetricsLog
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(MoelabError, match=r"pip install 'moelab\[tensorboard\]'"):
+            MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+        assert not (tmp_path / "metrics.jsonl").exists()  # nothing written by the failed start
+        return
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
+    log.write({"kind": "train", "step": 1, "loss": 2.5, "aux": {"z_loss": 0.1}})
+    log.close()
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5

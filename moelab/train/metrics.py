@@ -38,14 +38,14 @@ class MetricsLog:
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
             write_atomic(path, "".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
         self.tb = None
-        if tensorboard:
+        if tensorboard:  # checked before anything is opened or written
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise MoelabError("--tensorboard needs the tensorboard package: pip install 'moelab[tensorboard]'") from e
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
