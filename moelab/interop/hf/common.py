@@ -378,7 +378,8 @@ def qwen_layer_pattern(hf: HFConfig, num_layers: int, num_experts: int) -> dict:
                                          for i in only):
         raise hf.error("mlp_only_layers", only, f"must be a list of layer indices in [0, {num_layers})")
     moe_layers = [i for i in range(num_layers) if (i + 1) % step == 0 and i not in only]
-    return {"moe_every": step, "dense_layers": tuple(sorted(set(only))), "any_moe": bool(moe_layers and num_experts)}
+    return {"moe_every": step, "dense_layers": tuple(sorted(set(only))), "any_moe": bool(moe_layers and num_experts),
+            "num_moe_layers": len(moe_layers)}
 
 
 def qwen_layer_pattern_to_hf(cfg: ModelConfig) -> tuple[dict, list[str]]:

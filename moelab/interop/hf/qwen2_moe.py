@@ -57,13 +57,11 @@ class Qwen2MoeAdapter(Adapter):
         norm_topk = hf.take_bool("norm_topk_prob", False)
         aux = hf.take_float("router_aux_loss_coef", 0.001)
         if pattern["any_moe"]:
-            n_moe = sum((i + 1) % pattern["moe_every"] == 0 and i not in pattern["dense_layers"]
-                        for i in range(c.num_layers))
             moe = MoEConfig(
                 num_experts=E, expert_ffn_dim=F_, num_shared_experts=1, shared_expert_ffn_dim=shared_F,
                 shared_expert_gate=True, moe_every=pattern["moe_every"], dense_layers=pattern["dense_layers"],
                 router=RouterConfig(type="topk", top_k=K, softmax_order="softmax_then_topk", norm_topk_prob=norm_topk,
-                                    load_balance_coef=lb_coef_from_hf(aux, K, n_moe)))
+                                    load_balance_coef=lb_coef_from_hf(aux, K, pattern["num_moe_layers"])))
         return ModelConfig(
             vocab_size=c.vocab_size, d_model=c.d_model, num_layers=c.num_layers, max_seq_len=c.max_seq_len,
             dense_ffn_dim=hf.take_int("intermediate_size", 5632), norm="rmsnorm", norm_eps=c.norm_eps,

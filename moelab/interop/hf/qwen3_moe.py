@@ -38,12 +38,10 @@ class Qwen3MoeAdapter(Adapter):
         aux = hf.take_float("router_aux_loss_coef", 0.001)
         moe = None
         if pattern["any_moe"]:
-            n_moe = sum((i + 1) % pattern["moe_every"] == 0 and i not in pattern["dense_layers"]
-                        for i in range(c.num_layers))
             moe = MoEConfig(
                 num_experts=E, expert_ffn_dim=F_, moe_every=pattern["moe_every"], dense_layers=pattern["dense_layers"],
                 router=RouterConfig(type="topk", top_k=K, softmax_order="softmax_then_topk", norm_topk_prob=norm_topk,
-                                    load_balance_coef=lb_coef_from_hf(aux, K, n_moe)))
+                                    load_balance_coef=lb_coef_from_hf(aux, K, pattern["num_moe_layers"])))
         return ModelConfig(
             vocab_size=c.vocab_size, d_model=c.d_model, num_layers=c.num_layers, max_seq_len=c.max_seq_len,
             dense_ffn_dim=hf.take_int("intermediate_size", 6144), norm="rmsnorm", norm_eps=c.norm_eps,
