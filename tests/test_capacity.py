@@ -42,8 +42,10 @@ def test_score_priority_is_batch_prioritised_routing():
     # e0: both 1st choices, t1 (top gate 0.9) beats t0 (0.5); e1: t2's 1st choice beats t0's 2nd
     # choice (1st choices go first); e2: both 2nd choices, t1's top gate 0.9 beats t2's 0.6
     assert keep.tolist() == [False, False, True, True, True, False]
+    # position priority: e0 keeps t0's 1st choice (earlier), e1 t2's 1st choice over t0's 2nd,
+    # e2 t1's 2nd choice (earlier than t2's)
     keep_pos = capacity_keep_mask(r, 1, "position", seq_len=3)
-    assert keep_pos.tolist() == [True, True, False, True, False, False]
+    assert keep_pos.tolist() == [True, False, False, True, True, False]
 
 
 def _layer(**router_kw):
@@ -144,3 +146,44 @@ def test_dispatch_without_capacity_unchanged_api():
     torch.testing.assert_close(dispatch_combine(layer.experts, x, r),
                                reference_moe(layer.experts, x, r.token_idx_A, r.expert_idx_A, r.weight_A),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_position_priority_puts_every_first_choice_before_any_second_choice():
+    # C = 1: token 0 routes [e1, e0], token 1 routes [e0, e2]. Token 1's 1st choice (e0) outranks
+    # token 0's 2nd choice (e0), although token 0 comes first (GShard Alg. 1, flaxformer).
+    r = _routing([0, 0, 1, 1], [1, 0, 0, 2], [0.6, 0.4, 0.7, 0.3], T=2, E=3)
+    keep = capacity_keep_mask(r, 1, "position", seq_len=2)
+    assert keep.tolist() == [True, False, True, True]
+
+
+def test_choice_rank_is_routing_order_not_gate_order():
+    # DeepSeek-V3 ranks by s + b; a 1st choice may carry the smaller gate. Token 0: 1st choice e0
+    # (gate 0.2), 2nd e1 (gate 0.8); token 1: 1st choice e1. C = 1 on e1: token 1's 1st choice wins.
+    r = _routing([0, 0, 1, 1], [0, 1, 1, 2], [0.2, 0.8, 0.9, 0.1], T=2, E=3)
+    for priority in ("position", "score"):
+        keep = capacity_keep_mask(r, 1, priority, seq_len=2)
+        assert keep.tolist() == [True, False, True, True], priority
+
+
+def _skewed_random_routing(seed: int) -> Routing:
+    """B=4, S=64, E=8, K=2 softmax top-2 of random logits with a mild preference for higher experts."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4 * 64, 8, generator=g) + torch.linspace(0, 1.0, 8)
+    w, idx = logits.softmax(-1).topk(2, dim=-1)
+    return Routing.from_topk(idx, w, logits, logits.softmax(-1))
+
+
+@pytest.mark.parametrize("priority", ["position", "score"])
+def test_first_choices_drop_only_when_first_choices_alone_overflow(priority):
+    # Capacity factor 1.0: C = 64. Under choice-rank priority expert e drops exactly
+    # max(0, first choices to e - C) first choices. Ordering by position alone (the old rule)
+    # dropped ~53 first choices here and left ~22 of 256 tokens with no expert.
+    for seed in range(6):
+        r = _skewed_random_routing(seed)
+        C = expert_capacity(1.0, r.num_tokens, 2, 8)
+        keep = capacity_keep_mask(r, C, priority, seq_len=64)
+        first_E = torch.bincount(r.expert_idx_A.view(-1, 2)[:, 0], minlength=8)
+        first_dropped = int((~keep.view(-1, 2)[:, 0]).sum())
+        assert first_dropped == int((first_E - C).clamp_min(0).sum()), seed
+        assert (r.select(keep).experts_per_token() == 0).sum() <= first_dropped
+        assert r.select(keep).expert_counts().max() <= C

@@ -5,10 +5,16 @@ Capacity (Switch eq. 3, GShard): C = ceil(capacity_factor * T * K / E) assignmen
 An over-full expert keeps its C highest-priority assignments; the others are removed from the
 routing, so a token whose every assignment was dropped gets 0 from the MoE and its block output is
 the residual stream (Switch §2.2). Priorities:
-- "position": earlier sequence positions first (ties: earlier sequence of the batch); this is the
-  cumsum order of Switch/GShard and makes late tokens drop first (OpenMoE's finding).
+- "position": every token's 1st choice before any token's 2nd choice, and within a choice rank
+  earlier sequence positions first (ties: earlier sequence of the batch). This is GShard Alg. 1 and
+  the flaxformer/T5X token-choice routers ("make num_selected_experts the leading axis to ensure
+  that top-1 choices have priority over top-2 choices"); within a rank it is the cumsum order of
+  Switch, which makes late tokens drop first (OpenMoE's finding).
 - "score": batch-prioritised routing (Riquelme et al. 2021 §4.1): every token's 1st choice before
   any 2nd choice, and within a choice rank tokens by their top gate, highest first.
+A token's choice rank is the order of its assignments in the routing (routers emit a token's
+assignments best first: top-k order, SparseMixer's pick order, top-p's sorted order; DeepSeek-V3
+ranks by the biased selection score s + b, not by the gate).
 A capacity that no expert exceeds keeps the routing unchanged, so dropless and capacity-with-no-
 overflow give bit-identical outputs.
 
@@ -35,11 +41,10 @@ def _stable_sort_by(perm_A: torch.Tensor, key_A: torch.Tensor) -> torch.Tensor:
     return perm_A[torch.argsort(key_A[perm_A], stable=True)]
 
 
-def _rank_within_token(routing: Routing) -> torch.Tensor:
-    """(A,) 0 for each token's highest-weight assignment, 1 for its next, ..."""
+def choice_rank(routing: Routing) -> torch.Tensor:
+    """(A,) 0 for each token's first assignment in routing order (its 1st choice), 1 for its next, ..."""
     A = routing.token_idx_A.numel()
     perm = torch.arange(A, device=routing.token_idx_A.device)
-    perm = _stable_sort_by(perm, -routing.weight_A.detach())
     perm = _stable_sort_by(perm, routing.token_idx_A)
     counts_T = torch.bincount(routing.token_idx_A, minlength=routing.num_tokens)
     start_T = counts_T.cumsum(0) - counts_T
@@ -57,12 +62,13 @@ def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: 
     if priority == "position":
         num_seqs = max(routing.num_tokens // seq_len, 1)
         perm = _stable_sort_by(perm, (token_A % seq_len) * num_seqs + token_A // seq_len)
+        perm = _stable_sort_by(perm, choice_rank(routing))
     elif priority == "score":
         w = routing.weight_A.detach()
         top_gate_T = torch.full((routing.num_tokens,), float("-inf"), device=w.device)
         top_gate_T = top_gate_T.scatter_reduce(0, token_A, w, reduce="amax")
         perm = _stable_sort_by(perm, -top_gate_T[token_A])
-        perm = _stable_sort_by(perm, _rank_within_token(routing))
+        perm = _stable_sort_by(perm, choice_rank(routing))
     else:
         raise ValueError(f"unknown drop priority {priority!r}")
     perm = _stable_sort_by(perm, expert_A)  # grouped by expert, in priority order within

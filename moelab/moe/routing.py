@@ -3,6 +3,8 @@
 A routing is a list of A (token, expert, weight) assignments. Token-choice top-k gives A = T*K;
 expert choice and dynamic top-p give a variable number per token; capacity dropping removes
 assignments. Because every router speaks this one form, the MoE layer never branches on router type.
+Invariant: a token's assignments appear in its choice order, 1st choice first (capacity priority
+counts "1st choices before 2nd choices" from this order, see ``moelab.moe.dispatch``).
 
 Shape legend: T tokens, E experts, A assignments.
 """
