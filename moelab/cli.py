@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from moelab.errors import MoelabError
+from moelab.fileio import write_atomic
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -51,10 +52,12 @@ def cmd_params(args: argparse.Namespace) -> int:
     cfg = _resolve_model_config(args.source)
     count = count_params(cfg)
     data = {"source": args.source, **count.to_dict()}
+    if cfg.moe is not None:
+        data["balancing"] = cfg.moe.router.balancing()
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_atomic(out / "result.json", json.dumps(data, indent=2) + "\n")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -64,6 +67,8 @@ def cmd_params(args: argparse.Namespace) -> int:
         if count.breakdown[c]:
             print(f"  {c:<16}{count.breakdown[c]:>18,}{count.active_breakdown[c]:>18,}")
     print(f"  {'all':<16}{count.total_params:>18,}{count.active_params:>18,}")
+    if cfg.moe is not None:
+        print(f"router {cfg.moe.router.type}, balancing in training: {data['balancing']['summary']}")
     return 0
 
 

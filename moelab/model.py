@@ -105,6 +105,9 @@ class MoETransformer(nn.Module):
                 cache: KVCache | None = None) -> ModelOutput:
         """``labels`` are aligned with ``input_ids`` (shifted inside, -100 ignored), as in HF."""
         B, T = input_ids.shape
+        if cache is not None:
+            for layer in self.moe_layers():
+                layer.router.check_incremental()
         start = cache.seq_len if cache is not None else 0
         positions_T = torch.arange(start, start + T, device=input_ids.device)
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)  # (T, Dh) each

@@ -131,7 +131,8 @@ def test_load_metrics():
 def test_every_loss_logged_by_name_and_weighted():
     coefs = dict(load_balance_coef=0.01, z_loss_coef=1e-3, importance_loss_coef=0.1, entropy_loss_coef=1e-4,
                  expert_balance_coef=0.003, device_balance_coef=0.05, comm_balance_coef=0.02, seq_balance_coef=1e-4)
-    cfg = small_config(router=RouterConfig(type="deepseek_v2", top_k=2, n_group=2, topk_group=1, **coefs))
+    cfg = small_config(router=RouterConfig(type="deepseek_v2", top_k=2, n_group=2, topk_group=1, balance_scope="batch",
+                                           **coefs))
     model = build_model(cfg)
     routings = []
     for layer in model.moe_layers():

@@ -117,7 +117,7 @@ def test_config_fields_out_of_range_or_unsupported(change, field):
 @pytest.mark.parametrize("data,field", [
     ({"model_type": "phimoe", **MIXTRAL, "num_experts_per_tok": 4}, "num_experts_per_tok"),
     ({"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "vocab_size": 64,
-      "ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights"),
+      "ffn_config": {"moe_normalize_expert_weights": -2.0}}, "moe_normalize_expert_weights"),
     ({"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "vocab_size": 64,
       "ffn_config": {"ffn_act_fn": {"name": "silu", "approximate": True}}}, "ffn_act_fn"),
     ({"model_type": "qwen2_moe", **LLAMA, "use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),

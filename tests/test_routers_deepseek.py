@@ -160,3 +160,42 @@ def test_bias_is_a_persistent_fp32_buffer():
     model2 = build_model(small_config(router=RouterConfig(type="deepseek_v3", top_k=2)))
     model2.load_state_dict(model.float().state_dict())
     assert model2.moe_layers()[0].router.e_score_correction_bias[0].item() == pytest.approx(1e-3 / 3, rel=1e-7)
+
+
+# scores [.90, 0, .60, .55, .80, .10, .50, .45]: 4 groups of 2, keep 2, K = 2 (REFERENCES §4.3)
+GROUP_EXAMPLE = [0.90, 0.0, 0.60, 0.55, 0.80, 0.10, 0.50, 0.45]
+
+
+@pytest.mark.parametrize("group_score,groups", [
+    (None, {1, 3}),  # the released V3 code / transformers: sum of the top 2 -> g1 1.15, g3 0.95
+    ("sum_top2", {1, 3}),
+    ("sum_top_k_over_m", {0, 2}),  # the paper: K/M = 2/2 = 1, the group max -> g0 .90, g2 .80
+    ("max", {0, 2}),
+])
+def test_deepseek_v3_group_score_rule(group_score, groups):
+    s = torch.tensor([GROUP_EXAMPLE]).clamp(1e-6, 1 - 1e-6)
+    x = torch.log(s / (1 - s))
+    r = _identity_router(E=8, type="deepseek_v3", top_k=2, n_group=4, topk_group=2, group_score=group_score)(x)
+    assert {e // 2 for e in r.expert_idx_A.tolist()} <= groups
+    # the best expert (0) is dropped only by the top-2 sum
+    assert (0 in r.expert_idx_A.tolist()) == (0 in groups)
+
+
+def test_group_score_top_k_over_m_sums_k_over_m_entries():
+    from moelab.moe.routers.deepseek import group_limited, group_score_width
+
+    assert group_score_width("sum_top_k_over_m", 8, 4) == 2  # V3's own 8/4: equals the released top-2
+    assert group_score_width("sum_top_k_over_m", 6, 4) == 1  # floor, as Megatron's topk // group_topk
+    assert group_score_width("sum_top_k_over_m", 12, 2) == 6
+    # width 3 over groups of 4: g0 = .5+.4+.3 = 1.2 beats g1 = .9+.1+.1 = 1.1 (the max would pick g1)
+    sel = torch.tensor([[0.5, 0.4, 0.3, 0.0, 0.9, 0.1, 0.1, 0.0]])
+    out = group_limited(sel, 2, 1, 3)
+    assert torch.isinf(out[0, 4:]).all() and torch.isfinite(out[0, :4]).all()
+    assert torch.isinf(group_limited(sel, 2, 1, 1)[0, :4]).all()
+
+
+def test_deepseek_v2_default_group_score_is_max_and_configurable():
+    assert RouterConfig(type="deepseek_v2").effective_group_score == "max"
+    assert RouterConfig(type="deepseek_v3").effective_group_score == "sum_top2"
+    with pytest.raises(ValueError, match="router.group_score"):
+        RouterConfig(type="deepseek_v3", group_score="mean")

@@ -56,7 +56,7 @@ def test_noisy_topk_training_noise_is_std_normal_times_softplus():
     eps = torch.randn(3, 4)
     torch.manual_seed(123)
     r = router(x)
-    H = x + eps * math.log(2.0)  # softplus(0) = ln 2
+    H = x + eps * (math.log(2.0) + 1e-2)  # softplus(0) = ln 2, plus noise_epsilon
     top, idx = H.topk(2, dim=-1)
     assert r.expert_idx_A.view(3, 2).tolist() == idx.tolist()
     torch.testing.assert_close(r.weight_A.view(3, 2), top.softmax(-1), rtol=0, atol=1e-6)
@@ -183,3 +183,52 @@ def test_jitter_and_temperature_apply_to_every_router():
         torch.manual_seed(0)
         torch.testing.assert_close(router(x).logits_TE, x * u)
         assert router.eval()(x.to(torch.bfloat16)).logits_TE.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pre", [-60.0, -120.0])
+def test_noisy_topk_load_loss_finite_when_softplus_underflows(pre):
+    # x W_noise = -60: softplus 8.8e-27; -120: softplus 0. Without noise_epsilon the smooth load
+    # loss divides by that std and its gradient is NaN.
+    E, D = 4, 4
+    router = build_router(RouterConfig(type="noisy_topk", top_k=2, noisy_load_loss_coef=0.1,
+                                       importance_loss_coef=0.1), D, E).train()
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+        router.noise_weight.fill_(pre / D)  # x = ones -> x W_noise = pre for every expert
+    x = torch.ones(6, D) + 0.1 * torch.randn(6, D, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    r = router(x)
+    loss = r.aux_losses["noisy_load"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(router.weight.grad).all()
+    assert torch.isfinite(router.noise_weight.grad).all()
+
+
+def test_top_p_exact_tie_keeps_the_smallest_prefix_reaching_p():
+    # uniform P over E = 4, p = 0.5: 0.25 + 0.25 reaches p exactly, so 2 experts (the public
+    # Dynamic-MoE code keeps cum <= p plus the next one: 3)
+    r = _identity_router(type="top_p", top_p=0.5)(torch.zeros(1, 4))
+    assert r.experts_per_token().tolist() == [2]
+
+
+def test_expert_choice_batch_eval_refuses_a_kv_cache():
+    from moelab.errors import ConfigError
+    from moelab.generate import generate_ids
+    from moelab.model import build_model
+    from tests.helpers import small_config
+
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    batch = build_model(small_config(router=RouterConfig(type="expert_choice", top_k=2,
+                                                         expert_choice_eval="batch"))).eval()
+    with pytest.raises(ConfigError, match="expert_choice_eval.*topk"):
+        generate_ids(batch, ids, 3, temperature=0.0, top_k=None, top_p=None, use_cache=True)
+    with pytest.raises(ConfigError, match="expert_choice_eval"):
+        batch.train()(ids, cache=batch.new_cache())
+    # without a cache it still runs; the causal fallback decodes with a cache and equals no cache
+    batch.eval()
+    generate_ids(batch, ids, 3, temperature=0.0, top_k=None, top_p=None, use_cache=False)
+    causal = build_model(small_config(router=RouterConfig(type="expert_choice", top_k=2))).eval()
+    a = generate_ids(causal, ids, 5, temperature=0.0, top_k=None, top_p=None, use_cache=True)
+    b = generate_ids(causal, ids, 5, temperature=0.0, top_k=None, top_p=None, use_cache=False)
+    assert torch.equal(a, b)

@@ -147,29 +147,30 @@ def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, exp
 
 
 def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int) -> None:
-    """Every balance loss whose coefficient is > 0, times that coefficient, into
-    ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
+    """Every balance loss whose coefficient is > 0 (``cfg.loss_coefs()``: set, or the router family's
+    default), times that coefficient, into ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
     Computed on the router's choices before any capacity dropping (as Switch does)."""
     E, K = routing.num_experts, cfg.top_k
+    coefs = cfg.loss_coefs()  # explicit values, else the router family's paper defaults
 
     def scoped(loss_fn):  # (probs_TE, token_idx_A, expert_idx_A) -> loss, over the batch or per sequence
-        if cfg.balance_scope == "sequence":
+        if cfg.effective_balance_scope == "sequence":
             return per_sequence(loss_fn, routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len)
         return loss_fn(routing.probs_TE, routing.token_idx_A, routing.expert_idx_A)
 
     losses = {
-        "load_balance": (cfg.load_balance_coef,
+        "load_balance": (coefs["load_balance"],
                          lambda: switch_load_balance_loss(routing.probs_TE, routing.expert_idx_A)),
-        "z_loss": (cfg.z_loss_coef, lambda: router_z_loss(routing.logits_TE)),
-        "importance": (cfg.importance_loss_coef, lambda: importance_loss(routing.weight_A, routing.expert_idx_A, E)),
-        "entropy": (cfg.entropy_loss_coef, lambda: entropy_loss(routing.probs_TE)),
-        "expert_balance": (cfg.expert_balance_coef, lambda: scoped(
+        "z_loss": (coefs["z_loss"], lambda: router_z_loss(routing.logits_TE)),
+        "importance": (coefs["importance"], lambda: importance_loss(routing.weight_A, routing.expert_idx_A, E)),
+        "entropy": (coefs["entropy"], lambda: entropy_loss(routing.probs_TE)),
+        "expert_balance": (coefs["expert_balance"], lambda: scoped(
             lambda p, t, e: expert_balance_loss(p, e, K))),
-        "device_balance": (cfg.device_balance_coef, lambda: scoped(
+        "device_balance": (coefs["device_balance"], lambda: scoped(
             lambda p, t, e: device_balance_loss(p, e, K, cfg.n_group))),
-        "comm_balance": (cfg.comm_balance_coef, lambda: scoped(
+        "comm_balance": (coefs["comm_balance"], lambda: scoped(
             lambda p, t, e: comm_balance_loss(p, t, e, cfg.n_group, cfg.topk_groups))),
-        "seq_balance": (cfg.seq_balance_coef, lambda: sequence_balance_loss(
+        "seq_balance": (coefs["seq_balance"], lambda: sequence_balance_loss(
             routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len, K)),
     }
     for name, (coef, fn) in losses.items():

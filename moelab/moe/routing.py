@@ -83,6 +83,10 @@ class Router(nn.Module):
         """Post-optimizer-step bias update from the load counted since the last call; only routers
         with a selection bias (DeepSeek-V3 aux-loss-free balancing) override this."""
 
+    def check_incremental(self) -> None:
+        """Raise if routing in the current mode cannot run one new token at a time with a KV cache
+        and give what the full forward gives (a token's routing must not depend on other tokens)."""
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits in fp32 (Switch 'selective precision'), with jitter and temperature."""
         x32 = x_TD.float()

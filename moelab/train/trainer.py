@@ -246,9 +246,12 @@ class Trainer:
         if not self.resume:
             log.write({"kind": "meta", "step": 0, "unigram_entropy": self.entropy,
                        "train_sequences": len(self.train_data.input_ids), "val_sequences": len(self.val_data.input_ids),
-                       "domains": self.train_data.domains})
+                       "domains": self.train_data.domains,
+                       "balancing": cfg.model.moe.router.balancing() if cfg.model.moe is not None else None})
         batches = Batches(self.train_data, cfg.batch_size, cfg.seed, self.position)
         bar = _progress(cfg, self.step)
+        if bar is not None and cfg.model.moe is not None:
+            bar.write(f"router {cfg.model.moe.router.type}, balancing: {cfg.model.moe.router.balancing_summary()}")
         record, val = None, {}
         try:
             while self.step < cfg.steps:

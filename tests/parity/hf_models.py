@@ -46,6 +46,15 @@ VARIANTS = [
                                      attn_config=dict(kv_n_heads=1, rope_theta=10000.0, clip_qkv=100.0),
                                      ffn_config=dict(ffn_hidden_size=16, moe_num_experts=5, moe_top_k=3,
                                                      moe_normalize_expert_weights=None))),
+    # gates divided by their L2 / L0.5 norm (transformers' torch.norm(p=moe_normalize_expert_weights))
+    ("dbrx", "pnorm2", dict(d_model=D, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
+                            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                            ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2,
+                                            moe_normalize_expert_weights=2.0))),
+    ("dbrx", "pnorm0.5-top3", dict(d_model=D, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64,
+                                   attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+                                   ffn_config=dict(ffn_hidden_size=16, moe_num_experts=6, moe_top_k=3,
+                                                   moe_normalize_expert_weights=0.5))),
     ("qwen2_moe", "bias-no-renorm", dict(LLAMA, moe_intermediate_size=16, shared_expert_intermediate_size=20,
                                          num_experts=4, num_experts_per_tok=2)),
     ("qwen2_moe", "sparse-step-mlp-only-renorm-tied", dict(

@@ -96,7 +96,34 @@ def test_dbrx_null_normalisation_is_not_the_default():
     off = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {"moe_normalize_expert_weights": None}})
     on = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {}})
     assert (off.moe.router.norm_topk_prob, on.moe.router.norm_topk_prob) == (False, True)
+    two = moelab.interop.hf.hf_config_to_model_config({**base, "ffn_config": {"moe_normalize_expert_weights": 2}})
+    assert (two.moe.router.norm_topk_prob, two.moe.router.topk_norm_p) == (True, 2.0)
+    adapter, fields = moelab.interop.hf.choose_family(two)
+    assert adapter.model_type == "dbrx" and fields["ffn_config"]["moe_normalize_expert_weights"] == 2.0
+    with pytest.raises(moelab.MoelabError, match="p-norm with p = 2"):
+        moelab.interop.hf.choose_family(two, family="qwen3_moe")
 
+
+@pytest.mark.parametrize("key", ["dbrx-pnorm2", "dbrx-pnorm0.5-top3"])
+def test_dbrx_p_norm_parity_with_large_expert_outputs(key, tmp_path):
+    """Expert weights x8 so the MoE output dominates the residual stream: moelab matches transformers
+    at p, and running the same weights with p = 1 misses by far more than the parity bound."""
+    model = build_hf_model("dbrx", VARIANTS[IDS.index(key)][2])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.mul_(8.0)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = model.eval()(input_ids()).logits
+    ours = moelab.load(tmp_path)
+    r = ours.config.moe.router
+    l1 = moelab.build_model(dataclasses.replace(ours.config, moe=dataclasses.replace(
+        ours.config.moe, router=dataclasses.replace(r, topk_norm_p=1.0)))).eval()
+    l1.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert max_rel_diff(ours(input_ids()).logits, ref) <= BOUND
+        assert max_rel_diff(l1(input_ids()).logits, ref) > 100 * BOUND
 
 
 @pytest.fixture(scope="module")

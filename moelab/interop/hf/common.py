@@ -193,7 +193,7 @@ def lb_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int) -> float:
 
 def lb_coef_to_hf(cfg: ModelConfig) -> float:
     n = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-    return cfg.moe.router.load_balance_coef * n / cfg.moe.router.top_k
+    return cfg.moe.router.loss_coefs()["load_balance"] * n / cfg.moe.router.top_k
 
 
 def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("default",)) -> list[str]:
@@ -393,9 +393,14 @@ def qwen_layer_pattern_to_hf(cfg: ModelConfig) -> tuple[dict, list[str]]:
     return {"decoder_sparse_step": step, "mlp_only_layers": only}, []
 
 
-def topk_router_problems(cfg: ModelConfig) -> list[str]:
+def topk_router_problems(cfg: ModelConfig, any_norm_p: bool = False) -> list[str]:
+    """A top-k router, with gates renormalised by their sum (only DBRX, ``any_norm_p``, has p-norms)."""
     r = cfg.moe.router
-    return [] if r.type == "topk" else [f"router type {r.type}"]
+    if r.type != "topk":
+        return [f"router type {r.type}"]
+    if r.topk_norm_p != 1.0 and not any_norm_p:
+        return [f"top-k gates divided by their p-norm with p = {r.topk_norm_p:g} (only dbrx has p-norms)"]
+    return []
 
 
 def norm_topk_prob_of(cfg: ModelConfig) -> bool:

@@ -1,6 +1,7 @@
 """DBRX (HF ``modeling_dbrx``): LayerNorm without bias (eps 1e-5, fixed), fused q/k/v projection
 ``Wqkv`` clamped to [-clip_qkv, clip_qkv], every layer an MoE routed by softmax -> top-k, gates
-divided by their p-norm (``moe_normalize_expert_weights``; p = 1 is moelab's ``norm_topk_prob``).
+divided by their p-norm (``moe_normalize_expert_weights`` = p, moelab's ``norm_topk_prob`` with
+``topk_norm_p`` = p; null: not normalised).
 
 Expert weights are stored as three (E*F, D) matrices per layer: w1 (gate) and v1 (up) are rows
 e*F..(e+1)*F of expert e, and w2 holds the *transposed* down projection (expert e computes
@@ -64,13 +65,14 @@ class DbrxAdapter(Adapter):
         # An explicit null means "no normalisation" (not the 1.0 default), so read it raw.
         p = ffn.data.get("moe_normalize_expert_weights", 1.0)
         ffn.ignore("moe_normalize_expert_weights")
-        if p not in (None, 1, 1.0):
-            raise ffn.error("moe_normalize_expert_weights", p, "moelab renormalises gates by their sum (p = 1) or "
-                            "not at all (null); other p-norms are not supported")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0):
+            raise ffn.error("moe_normalize_expert_weights", p, "must be a positive number p (the gates are divided "
+                            "by their p-norm) or null (no normalisation)")
         ffn.ignore("hidden_size")  # HF overwrites it with d_model
         jitter = ffn.take("moe_jitter_eps", None)
         router = RouterConfig(
             type="topk", top_k=K, softmax_order="softmax_then_topk", norm_topk_prob=p is not None,
+            topk_norm_p=1.0 if p is None else float(p),
             jitter_eps=0.0 if jitter is None else ffn.take_float("moe_jitter_eps"),  # training-only, as in HF
             load_balance_coef=lb_coef_from_hf(ffn.take_float("moe_loss_weight", 0.01), K, L))
         F_ = ffn.take_int("ffn_hidden_size", 3584)
@@ -88,7 +90,7 @@ class DbrxAdapter(Adapter):
         p = common_export_problems(cfg)
         if not p:
             a, m = cfg.attention, cfg.moe
-            p += topk_router_problems(cfg) + moe_layer_problems(cfg)
+            p += topk_router_problems(cfg, any_norm_p=True) + moe_layer_problems(cfg)
             if cfg.norm != "layernorm" or cfg.norm_bias or not same_float(cfg.norm_eps, LAYERNORM_EPS):
                 p.append("a norm other than LayerNorm without bias, eps 1e-5")
             if m.num_shared_experts:
@@ -115,7 +117,8 @@ class DbrxAdapter(Adapter):
             "ffn_config": {"ffn_act_fn": {"name": activation_to_hf(cfg)}, "ffn_hidden_size": m.expert_ffn_dim,
                            "moe_num_experts": m.num_experts, "moe_top_k": m.router.top_k,
                            "moe_jitter_eps": m.router.jitter_eps or None, "moe_loss_weight": lb_coef_to_hf(cfg),
-                           "moe_normalize_expert_weights": 1.0 if norm_topk_prob_of(cfg) else None},
+                           "moe_normalize_expert_weights": (m.router.topk_norm_p if norm_topk_prob_of(cfg)
+                                                            else None)},
         }
 
     def global_rules(self, cfg: ModelConfig):

@@ -38,8 +38,8 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
     cfg = model.config
     source = getattr(model, "hf_config", None) or {}
     adapter, fields = choose_family(cfg, family, preferred=source.get("model_type"))
-    if cfg.moe is not None and cfg.moe.router.z_loss_coef > 0:
-        warnings.warn(f"router z-loss (coef {cfg.moe.router.z_loss_coef}) is training-only and has no "
+    if cfg.moe is not None and cfg.moe.router.loss_coefs()["z_loss"] > 0:
+        warnings.warn(f"router z-loss (coef {cfg.moe.router.loss_coefs()['z_loss']}) is training-only and has no "
                       f"{adapter.model_type} config field; it is not exported", stacklevel=2)
     state = model_state(model)
     rules = adapter.rules(cfg, set(state))

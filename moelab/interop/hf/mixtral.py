@@ -51,7 +51,8 @@ class MixtralAdapter(Adapter):
             p += moe_layer_problems(cfg)
             if cfg.norm != "rmsnorm":
                 p.append("norm=layernorm")
-            if r.type != "topk" or not (r.softmax_order == "topk_then_softmax" or r.norm_topk_prob):
+            if r.type != "topk" or not (r.softmax_order == "topk_then_softmax" or r.norm_topk_prob) \
+                    or r.topk_norm_p != 1.0:
                 p.append("router other than softmax top-k with renormalised gates")
             if m.num_shared_experts:
                 p.append("shared experts")

@@ -18,6 +18,10 @@ an autoregressive model cannot do that at generation time. moelab's rule
   causal token-choice top-k with k = top_k over the same softmax S, gates = the raw S values
   (the values expert choice would have used as G). Eval loss is therefore measured causally.
 - "batch": eval uses expert choice over the batch as in training; non-causal, documented as such.
+  With a KV cache it is refused (``check_incremental``): a decoding step holds one token, so the
+  capacity is 1 and every expert takes that token (at E=4, top_k=2 the prefill gives 2 experts per
+  token and each cached step 4), and no rule can make cached steps equal the full forward, whose
+  choices depend on tokens that do not exist yet at decoding time.
 
 Shape legend: T tokens, E experts, C capacity per expert, A assignments (E*C).
 """
@@ -28,6 +32,7 @@ import math
 
 import torch
 
+from moelab.errors import ConfigError
 from moelab.moe.routing import Router, Routing, register_router
 
 
@@ -45,6 +50,14 @@ class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(capacity_factor * T * top_k / E), at most T."""
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.cfg.top_k / self.num_experts))
+
+    def check_incremental(self) -> None:
+        if self.training or self.cfg.expert_choice_eval == "batch":
+            mode = "training mode" if self.training else "moe.router.expert_choice_eval=batch"
+            raise ConfigError("moe.router.expert_choice_eval", "batch" if not self.training else "training mode",
+                              f"expert choice over the batch ({mode}) sees future tokens and cannot decode with "
+                              "a KV cache; use model.eval() with expert_choice_eval=topk (the causal token-choice "
+                              "fallback), or generate without a cache")
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TD)  # (T, E) fp32

@@ -1,9 +1,10 @@
 """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks", §2.1, Appendix A).
 
-H(x)_i = (x W_g)_i + N(0, 1) * softplus((x W_noise)_i)      (noise only in training)
+H(x)_i = (x W_g)_i + N(0, 1) * (softplus((x W_noise)_i) + eps)   (noise only in training;
+                                                             eps = ``noise_epsilon``, 1e-2)
 G(x)   = softmax(KeepTopK(H(x), k))                          (softmax over the k survivors)
 
-W_noise is trainable and starts at zero (softplus(0) = ln 2, so the initial noise std is 0.69);
+W_noise is trainable and starts at zero (softplus(0) = ln 2, so the initial noise std is 0.69 + eps);
 W_g keeps the model's normal init (the paper zeroes it too; with a zero W_g every token would tie).
 The smooth load loss needs the clean logits, the noisy ones and the noise std, so the router adds
 it itself (``noisy_load``); the importance loss CV(sum_x G(x))^2 is generic and added by the layer.
@@ -35,7 +36,9 @@ class NoisyTopKRouter(Router):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         K = self.cfg.top_k
         clean_TE = self.logits(x_TD)  # (T, E) fp32
-        noise_std_TE = F.softplus(x_TD.float() @ self.noise_weight.float().t())  # (T, E)
+        # softplus + noise_epsilon (tensor2tensor): softplus underflows to 0 for very negative inputs,
+        # and a zero std makes the load loss's Phi((clean - threshold) / std) NaN in backward.
+        noise_std_TE = F.softplus(x_TD.float() @ self.noise_weight.float().t()) + self.cfg.noise_epsilon  # (T, E)
         if self.training:
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
         else:
@@ -43,7 +46,8 @@ class NoisyTopKRouter(Router):
         top_TK, topk_idx_TK = noisy_TE.topk(K, dim=-1)
         weight_TK = top_TK.softmax(dim=-1)  # KeepTopK then softmax
         routing = Routing.from_topk(topk_idx_TK, weight_TK, clean_TE, clean_TE.softmax(dim=-1))
-        if self.cfg.noisy_load_loss_coef > 0:
-            routing.aux_losses["noisy_load"] = self.cfg.noisy_load_loss_coef * noisy_load_loss(
+        coef = self.cfg.loss_coefs()["noisy_load"]
+        if coef > 0:
+            routing.aux_losses["noisy_load"] = coef * noisy_load_loss(
                 clean_TE, noisy_TE, noise_std_TE, K)
         return routing

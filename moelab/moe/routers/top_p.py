@@ -3,7 +3,10 @@ MoE Models", arXiv 2403.07652; code ZhenweiAn/Dynamic_MoE).
 
 P = softmax(logits) over E, sorted descending; a token keeps the smallest prefix of experts whose
 cumulative probability reaches ``top_p`` (an expert is kept when the probability mass before it is
-still < p, so the first expert is always kept). Gates are the raw probabilities of the kept experts,
+still < p, so the first expert is always kept). NOTE ties: the public Dynamic-MoE code keeps the
+experts whose cumulative sum is <= p plus the first one past p, which keeps one more expert when a
+prefix sums to exactly p (uniform P at E = 4, p = 0.5: moelab keeps 2, that code 3); elsewhere the
+two rules agree. Gates are the raw probabilities of the kept experts,
 not renormalised. The paper's dynamic loss (mean entropy of P, ``entropy_loss_coef``, 1e-4 in the
 AoE paper's reproduction) keeps the router from flattening P to activate many experts.
 

@@ -3,7 +3,9 @@
 Two standard forms, selected by ``RouterConfig.softmax_order``:
 - ``topk_then_softmax`` (Mixtral, Jiang et al. 2024): gates = softmax(TopK(logits)) over the K chosen.
 - ``softmax_then_topk`` (Switch/GShard/Qwen/DeepSeekMoE): p = softmax(logits) over E, gates = TopK(p),
-  renormalised to sum 1 only if ``norm_topk_prob`` (Qwen3, DBRX's L1 norm); otherwise they sum to < 1.
+  renormalised only if ``norm_topk_prob``: divided by their sum (Qwen3), or by their p-norm with
+  ``topk_norm_p`` = p (DBRX's ``moe_normalize_expert_weights``, any p > 0, as HF's ``torch.norm``);
+  otherwise they sum to < 1.
 The two forms give the same gates when the second renormalises: exp(l_i)/sum_K exp(l_j) = p_i/sum_K p_j.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from moelab.moe.balancing import router_z_loss, switch_load_balance_loss
 from moelab.moe.routing import Router, Routing, register_router
 
 
@@ -27,7 +28,10 @@ class TopKRouter(Router):
         else:
             weight_TK, topk_idx_TK = probs_TE.topk(K, dim=-1)
             if self.cfg.norm_topk_prob:
-                weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+                p = self.cfg.topk_norm_p
+                norm_T1 = (weight_TK.sum(dim=-1, keepdim=True) if p == 1.0
+                           else torch.linalg.vector_norm(weight_TK, ord=p, dim=-1, keepdim=True))
+                weight_TK = weight_TK / norm_T1
         return Routing.from_topk(topk_idx_TK, weight_TK, logits_TE, probs_TE)
 
 
@@ -42,14 +46,3 @@ class SwitchRouter(Router):
         weight_T1, idx_T1 = probs_TE.max(dim=-1, keepdim=True)
         return Routing.from_topk(idx_T1, weight_T1, logits_TE, probs_TE)
 
-
-def add_standard_losses(router: Router, routing: Routing) -> None:
-    """Switch load-balance and ST-MoE z-loss, each times its coefficient, when the coefficient > 0.
-    Routers need not call this: the MoE layer adds every configured loss
-    (:func:`moelab.moe.balancing.add_aux_losses`) and keeps the ones already present."""
-    cfg = router.cfg
-    if cfg.load_balance_coef > 0:
-        routing.aux_losses["load_balance"] = cfg.load_balance_coef * switch_load_balance_loss(
-            routing.probs_TE, routing.expert_idx_A)
-    if cfg.z_loss_coef > 0:
-        routing.aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(routing.logits_TE)
