@@ -1,6 +1,6 @@
 """moelab: Mixture-of-Experts language models in PyTorch."""
 
-from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
+from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
 from moelab.errors import CheckpointError, ConfigError, MoelabError
 from moelab.interop.hf import export_hf
 from moelab.loading import load
@@ -11,7 +11,7 @@ from moelab.presets import get_preset
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
+    "AoEConfig", "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
     "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "export_hf", "get_preset",
     "load", "load_config", "save_config",
 ]

@@ -67,6 +67,13 @@ def cmd_params(args: argparse.Namespace) -> int:
         if count.breakdown[c]:
             print(f"  {c:<16}{count.breakdown[c]:>18,}{count.active_breakdown[c]:>18,}")
     print(f"  {'all':<16}{count.total_params:>18,}{count.active_params:>18,}")
+    if count.active_params_paper != count.active_params:
+        print(f"active, paper convention: {human(count.active_params_paper)} ({count.active_params_paper:,}): a tied "
+              "embedding counted again as the output head, only the K chosen experts (moelab's own figure above "
+              "counts the embedding once and every AoE W_down, which every token runs)")
+    if count.aoe_cache_bytes_per_token:
+        print(f"AoE activation cache (x W_down of every expert): {count.aoe_cache_bytes_per_token:,} bytes per token "
+              "per forward in fp32, kept for backward in training")
     if cfg.moe is not None:
         print(f"router {cfg.moe.router.type}, balancing in training: {data['balancing']['summary']}")
     return 0
@@ -152,7 +159,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
         c = count_params(PRESETS[name]())
         pub = PUBLISHED.get(name)
         rows.append({"name": name, "total_params": c.total_params, "active_params": c.active_params,
+                     "active_params_paper": c.active_params_paper,
                      "published": None if pub is None else {"total": pub.total, "active": pub.active,
+                                                             "active_convention": pub.active_convention,
                                                              "source": pub.source}})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -160,6 +169,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for r in rows:
         pub = r["published"]
         ref = f"  (published {pub['total']} / {pub['active'] or 'n/a'})" if pub else ""
+        if pub and pub["active_convention"] == "paper":
+            ref += f"; {human(r['active_params_paper'])} active in the paper's convention (see `moelab params`)"
         print(f"{r['name']:<20}{human(r['total_params']):>8} total {human(r['active_params']):>8} active{ref}")
     return 0
 

@@ -56,6 +56,9 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 QK_NORM_TYPES = ("none", "per_head", "full")
 SOFTMAX_ORDERS = ("topk_then_softmax", "softmax_then_topk")
 ROPE_TYPES = ("default", "longrope")
+AOE_NORMS = ("l2", "l1", "linf")
+# Selection rules AoE can run on its norm scores (AoE paper Alg. 2 top-k; Table 3 top-p, expert choice).
+AOE_SELECTIONS = ("topk", "top_p", "expert_choice")
 
 
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
@@ -151,6 +154,10 @@ class RouterConfig:
     # type="sparsemixer" (Phi-3.5-MoE): a candidate expert survives a pick when its logit is within
     # relative distance 2*eps of the best candidate (HF phimoe ``router_jitter_noise``).
     sparsemixer_eps: float = 0.01
+    # Router as a 2-layer MLP, logits = SiLU(x W_1) W_2 with W_1: d_model x hidden_dim (None: one
+    # linear map). The AoE paper's "large router" ablation (Table 2, Config. 4) gives the router as
+    # many parameters as AoE's W_down, E * d_low * d_model.
+    hidden_dim: int | None = None
     # With norm_topk_prob (softmax_then_topk): the k gates are divided by their p-norm,
     # (sum_k g_k^p)^(1/p). p = 1 divides by their sum (Qwen3, DeepSeek-V3); DBRX's
     # ``moe_normalize_expert_weights`` may be any p > 0.
@@ -169,6 +176,8 @@ class RouterConfig:
                 _positive(f"router.{name}", getattr(self, name), allow_zero=True)
         _positive("router.noise_epsilon", self.noise_epsilon, allow_zero=True)
         _positive("router.topk_norm_p", self.topk_norm_p)
+        if self.hidden_dim is not None:
+            _positive("router.hidden_dim", self.hidden_dim)
         if self.group_score is not None:
             _choice("router.group_score", self.group_score, GROUP_SCORES)
         _positive("router.routed_scaling_factor", self.routed_scaling_factor)
@@ -263,6 +272,35 @@ class RouterConfig:
         return ", ".join(parts) or "none"
 
 
+def aoe_d_wide(d_model: int, d_ffn: int, d_low: int) -> int:
+    """AoE eq. 5, rounded to the nearest integer: the d_wide at which an AoE expert
+    (d_model*d_low + d_low*d_wide + 2*d_model*d_wide parameters) has the parameters of a SwiGLU
+    expert of width d_ffn (3*d_model*d_ffn). 768/3072: d_low 64 -> 4393, 128 -> 4194, 256 -> 3840,
+    512 -> 3264; 1280/5120, d_low 400 -> 6469 (the paper's 4B model states 6470)."""
+    return max(1, round((3 * d_model * d_ffn - d_low * d_model) / (d_low + 2 * d_model)))
+
+
+@dataclass
+class AoEConfig:
+    """Autonomy-of-Experts (Lv et al. 2025, arXiv 2501.13074, §3.2, Alg. 2): no router; every
+    expert's gate projection is factorised W_g = W_down (d_model x d_low) W_up (d_low x d_wide), all
+    experts compute x W_down for every token, and the norm of that d_low vector ranks them.
+    ``moe.router.type`` picks the selection rule on the norms (topk, top_p or expert_choice).
+    ``moe.expert_ffn_dim`` is the dense-equivalent d_ffn of eq. 5."""
+
+    d_low: int = 64
+    d_wide: int | None = None  # None: eq. 5 from d_model and moe.expert_ffn_dim (same parameters per expert)
+    norm: str = "l2"  # the score: "l2" (the paper), "l1" or "linf" of x W_down^i (App. A)
+    # False: the Table 2 ablation "factorised W_g with a router": AoE's experts, a conventional router
+    router_free: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("moe.aoe.d_low", self.d_low)
+        if self.d_wide is not None:
+            _positive("moe.aoe.d_wide", self.d_wide)
+        _choice("moe.aoe.norm", self.norm, AOE_NORMS)
+
+
 @dataclass
 class MoEConfig:
     """The mixture-of-experts FFN and where it sits in the stack.
@@ -283,10 +321,15 @@ class MoEConfig:
     first_k_dense: int = 0
     dense_layers: tuple[int, ...] = ()
     router: RouterConfig = field(default_factory=RouterConfig)
+    aoe: AoEConfig | None = None  # Autonomy-of-Experts experts (and, by default, no router)
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = _from_dict(RouterConfig, self.router, "moe.router")
+        if isinstance(self.aoe, dict):
+            self.aoe = _from_dict(AoEConfig, self.aoe, "moe.aoe")
+        if self.aoe is not None and self.aoe.router_free:
+            self._check_aoe_router()
         self.dense_layers = tuple(self.dense_layers)
         _positive("moe.num_experts", self.num_experts)
         _positive("moe.expert_ffn_dim", self.expert_ffn_dim)
@@ -318,6 +361,21 @@ class MoEConfig:
                               f"expert_choice gives each token top_k * capacity_factor = "
                               f"{r.top_k * (r.capacity_factor or 1.0)} experts on average, more than "
                               f"moe.num_experts={E}; lower router.top_k or router.capacity_factor")
+
+    def _check_aoe_router(self) -> None:
+        """Router options a router-free AoE layer cannot honour, each named."""
+        r = self.router
+        if r.type not in AOE_SELECTIONS:
+            raise ConfigError("moe.router.type", r.type, f"AoE selects experts by their norms with one of "
+                              f"{', '.join(AOE_SELECTIONS)}; set moe.router.type to one of them "
+                              "(or moe.aoe.router_free=false to keep a router)")
+        for name, bad, why in (("jitter_eps", r.jitter_eps > 0, "input jitter would make the scores and the "
+                                "experts see different inputs"),
+                               ("n_group", r.n_group > 1, "group-limited routing is DeepSeek's"),
+                               ("hidden_dim", r.hidden_dim is not None, "AoE has no router to enlarge")):
+            if bad:
+                raise ConfigError(f"moe.router.{name}", getattr(r, name), f"not available with moe.aoe "
+                                  f"(router-free): {why}; remove it")
 
     @property
     def shared_ffn_dim(self) -> int:
@@ -459,6 +517,10 @@ class ModelConfig:
                 if n != self.head_dim // 2:
                     raise ConfigError(f"attention.{name}", f"{n} factors",
                                       f"needs head_dim / 2 = {self.head_dim // 2} factors (one per RoPE frequency)")
+        if self.moe is not None and self.moe.aoe is not None and self.moe.aoe.d_low >= self.d_model:
+            raise ConfigError("moe.aoe.d_low", self.moe.aoe.d_low,
+                              f"must be < d_model={self.d_model} (W_g = W_down W_up is a low-rank factorisation; "
+                              f"the paper uses about d_model / 3)")
         if self.moe is not None:
             for i in self.moe.dense_layers:
                 if i >= self.num_layers:
@@ -472,6 +534,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    @property
+    def aoe_d_wide(self) -> int | None:
+        """The AoE experts' d_wide (given, or eq. 5 from expert_ffn_dim); None without AoE."""
+        if self.moe is None or self.moe.aoe is None:
+            return None
+        a = self.moe.aoe
+        return a.d_wide if a.d_wide is not None else aoe_d_wide(self.d_model, self.moe.expert_ffn_dim, a.d_low)
 
     def rope_mscales(self) -> tuple[float, float]:
         """LongRoPE's (short, long) cos/sin multipliers, the unset ones at the LongRoPE default

@@ -88,12 +88,12 @@ class MoETransformer(nn.Module):
                 nn.init.zeros_(p)
             elif p.ndim == 1:  # norm weights
                 nn.init.ones_(p)
-            elif "o_proj" in name or "down_proj" in name or leaf == "down_EDF":
+            elif "o_proj" in name or "down_proj" in name or leaf in ("down_EDF", "wo_EDW"):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
         for layer in self.moe_layers():
-            layer.router.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero
+            layer.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero, AoE's W_up scale
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]

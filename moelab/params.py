@@ -14,6 +14,7 @@ from torch import nn
 from moelab.config import ModelConfig
 from moelab.layers.mlp import GatedMLP
 from moelab.model import MoETransformer, build_model
+from moelab.moe.aoe import AoEExperts
 from moelab.moe.experts import StackedExperts
 from moelab.moe.layer import MoELayer
 from moelab.moe.routing import Router
@@ -27,9 +28,17 @@ class ParamCount:
     active_params: int
     breakdown: dict[str, int] = field(default_factory=dict)  # total per component
     active_breakdown: dict[str, int] = field(default_factory=dict)
+    # The count many papers publish (the AoE paper's 247M): a tied embedding counted again as the
+    # output head, and only the K chosen experts (AoE's other W_down, which every token runs, left out).
+    active_params_paper: int = 0
+    # Per token, per forward: bytes of activations AoE computes for every expert (T x E x d_low) at
+    # the parameters' dtype, summed over layers; 0 without AoE.
+    aoe_cache_bytes_per_token: int = 0
 
     def to_dict(self) -> dict:
         return {"total_params": self.total_params, "active_params": self.active_params,
+                "active_params_paper": self.active_params_paper,
+                "aoe_cache_bytes_per_token": self.aoe_cache_bytes_per_token,
                 "breakdown": self.breakdown, "active_breakdown": self.active_breakdown}
 
 
@@ -42,7 +51,7 @@ def _component(model: MoETransformer, module_name: str, module: nn.Module) -> st
         return "norms"
     if isinstance(module, Router):
         return "routers"
-    if isinstance(module, StackedExperts):
+    if isinstance(module, (StackedExperts, AoEExperts)):
         return "experts"
     parts = module_name.split(".")
     if "attn" in parts:
@@ -65,12 +74,20 @@ def count_model(model: MoETransformer) -> ParamCount:
             seen.add(id(p))
             total[_component(model, name, module)] += p.numel()
     active = dict(total)
+    paper_gap, cache_bytes = 0, 0
     for layer in model.modules():
         if isinstance(layer, MoELayer):
-            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
-            unused = layer.num_experts - layer.router.active_experts_per_token
-            active["experts"] -= unused * per_expert
-    return ParamCount(sum(total.values()), sum(active.values()), total, active)
+            active["experts"] -= sum(p.numel() for p in layer.experts.parameters()) - int(layer.active_expert_params())
+            if isinstance(layer.experts, AoEExperts):
+                x = layer.experts
+                if layer.router_free:
+                    paper_gap += (x.num_experts - layer.router.active_experts_per_token) * x.d_model * x.d_low
+                    cache_bytes += x.num_experts * x.d_low * x.wdown_ELD.element_size()
+    active_total = sum(active.values())
+    tied_again = model.embed.weight.numel() if model.lm_head.weight is model.embed.weight else 0
+    return ParamCount(sum(total.values()), active_total, total, active,
+                      active_params_paper=active_total + tied_again - paper_gap,
+                      aoe_cache_bytes_per_token=cache_bytes)
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import ConfigError
 
 
@@ -130,6 +130,43 @@ def deepseek_moe_16b() -> ModelConfig:
     )
 
 
+# AoE eq. 6 sums f over the K choices of a token (f sums to K), so its alpha_aux = 0.01 is
+# 0.01 * K in moelab's Switch loss, whose f sums to 1.
+AOE_AUX = 0.01
+
+
+def aoe_732m() -> ModelConfig:
+    """AoE small model (Lv et al. 2025 §4.1.1): 12 layers, 12 heads, d_model 768, 8 experts top-2 of
+    dense-equivalent d_ffn 3072, Llama vocab 32000, pre-RMSNorm, d_low 256 (the paper's best; d_wide
+    3840 by eq. 5), L_aux 0.01. Tying is not stated; the published 732M total fits a tied embedding."""
+    return ModelConfig(
+        vocab_size=32000, d_model=768, num_layers=12, max_seq_len=2048, dense_ffn_dim=3072, tie_embeddings=True,
+        attention=AttentionConfig(num_heads=12),
+        moe=MoEConfig(num_experts=8, expert_ffn_dim=3072, aoe=AoEConfig(d_low=256),
+                      router=RouterConfig(top_k=2, load_balance_coef=AOE_AUX * 2)),
+    )
+
+
+def aoe_4b() -> ModelConfig:
+    """AoE large model (§4.2): 24 layers, 20 heads, d_model 1280, 8 experts top-2 of d_ffn 5120,
+    d_low 400, d_wide 6470 as the paper states (eq. 5 gives 6469.2), L_aux 0.01, tied."""
+    return ModelConfig(
+        vocab_size=32000, d_model=1280, num_layers=24, max_seq_len=2048, dense_ffn_dim=5120, tie_embeddings=True,
+        attention=AttentionConfig(num_heads=20),
+        moe=MoEConfig(num_experts=8, expert_ffn_dim=5120, aoe=AoEConfig(d_low=400, d_wide=6470),
+                      router=RouterConfig(top_k=2, load_balance_coef=AOE_AUX * 2)),
+    )
+
+
+def aoe_tiny() -> ModelConfig:
+    """The `tiny` model with AoE experts (d_low = d_model / 4, d_wide by eq. 5: the same parameters
+    per expert): trains on 2 CPU cores in minutes."""
+    cfg = tiny()
+    cfg.moe = MoEConfig(num_experts=8, expert_ffn_dim=256, aoe=AoEConfig(d_low=32),
+                        router=RouterConfig(top_k=2, load_balance_coef=AOE_AUX * 2))
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "mixtral-8x7b": mixtral_8x7b,
@@ -141,6 +178,9 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "qwen1.5-moe-a2.7b": qwen1_5_moe_a2_7b,
     "phi-3.5-moe": phi_3_5_moe,
     "deepseek-moe-16b": deepseek_moe_16b,
+    "aoe-tiny": aoe_tiny,
+    "aoe-732m": aoe_732m,
+    "aoe-4b": aoe_4b,
 }
 
 
@@ -152,6 +192,10 @@ class Published:
     total: str
     active: str | None
     source: str
+    # "moelab": the active count follows moelab's convention (README); "paper": it counts a tied
+    # embedding twice (input and output head) and only the K chosen experts
+    # (ParamCount.active_params_paper).
+    active_convention: str = "moelab"
 
     @staticmethod
     def value_and_half_ulp(text: str) -> tuple[float, float]:
@@ -172,6 +216,10 @@ PUBLISHED: dict[str, Published] = {
     "qwen1.5-moe-a2.7b": Published("14.3B", "2.7B", "Qwen1.5-MoE-A2.7B model card: 14.3B total, 2.7B activated"),
     "phi-3.5-moe": Published("41.9B", "6.6B", "Phi-3.5-MoE model card: 41.9B total, 6.6B active"),
     "deepseek-moe-16b": Published("16.4B", "2.8B", "DeepSeekMoE paper (arXiv 2401.06066) §5: 16.4B total, 2.8B active"),
+    "aoe-732m": Published("732M", "247M", "AoE paper (arXiv 2501.13074) §4.1.1: 732M total, 247M active",
+                          active_convention="paper"),
+    "aoe-4b": Published("4B", "1.18B", "AoE paper (arXiv 2501.13074) §4.2: 4B total, 1.18B active",
+                        active_convention="paper"),
 }
 
 

@@ -31,11 +31,17 @@ def formula_count(cfg: ModelConfig) -> tuple[int, int]:
         active += block
         if cfg.is_moe_layer(i):
             m = cfg.moe
-            expert = 3 * D * m.expert_ffn_dim
             shared = 3 * D * m.shared_ffn_dim + D * m.shared_expert_gate
-            router = m.num_experts * D
-            total += m.num_experts * expert + shared + router
-            active += m.router.top_k * expert + shared + router
+            if m.aoe is None:
+                expert = 3 * D * m.expert_ffn_dim
+                router = m.num_experts * D
+                total += m.num_experts * expert + shared + router
+                active += m.router.top_k * expert + shared + router
+            else:  # AoE eq. 3: W_down, W_up, W_p, W_o; no router, every token runs all E W_down
+                low, wide = m.aoe.d_low, cfg.aoe_d_wide
+                expert = D * low + low * wide + 2 * D * wide
+                total += m.num_experts * expert + shared
+                active += m.router.top_k * expert + (m.num_experts - m.router.top_k) * D * low + shared
         else:
             total += 3 * D * cfg.dense_ffn_dim
             active += 3 * D * cfg.dense_ffn_dim
@@ -58,7 +64,8 @@ def test_preset_counts_match_published(name):
     ("36B" covers 35.5B-36.5B), whichever is wider."""
     pub = PUBLISHED[name]
     count = count_params(PRESETS[name]())
-    for kind, ours, text in (("total", count.total_params, pub.total), ("active", count.active_params, pub.active)):
+    active = count.active_params_paper if pub.active_convention == "paper" else count.active_params
+    for kind, ours, text in (("total", count.total_params, pub.total), ("active", active, pub.active)):
         if text is None:
             continue
         value, half_ulp = Published.value_and_half_ulp(text)

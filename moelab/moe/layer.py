@@ -3,6 +3,10 @@
 y = sum_{e in routed(x)} g_e(x) E_e(x) + [sigmoid(x w_s)] * Shared(x)
 (DeepSeekMoE eq. 9-11 shared experts; Qwen2-MoE adds the sigmoid gate on the shared output.)
 
+With ``moe.aoe`` the experts are Autonomy-of-Experts experts (:mod:`moelab.moe.aoe`); router-free
+(the default) the layer scores with the experts' own x W_down norms and the router is only the
+selection rule (``Router.route``), so capacity, losses and metrics below are unchanged.
+
 Per forward: route, add every configured balance loss (by coefficient, before dropping), apply the
 train or eval capacity (``router.capacity_factor`` / ``router.eval_capacity_factor``), dispatch,
 combine. The layer never branches on router type.
@@ -25,6 +29,7 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.layers.mlp import GatedMLP
+from moelab.moe.aoe import AoEExperts, expert_norms
 from moelab.moe.balancing import add_aux_losses
 from moelab.moe.dispatch import capacity_keep_mask, dispatch_combine, expert_capacity
 from moelab.moe.experts import StackedExperts
@@ -39,8 +44,13 @@ class MoELayer(nn.Module):
         assert moe is not None
         self.num_experts = moe.num_experts
         self.router_cfg = moe.router
-        self.router = build_router(moe.router, cfg.d_model, moe.num_experts)
-        self.experts = StackedExperts(moe.num_experts, cfg.d_model, moe.expert_ffn_dim, cfg.activation)
+        self.aoe = moe.aoe
+        self.router_free = moe.aoe is not None and moe.aoe.router_free
+        self.router = build_router(moe.router, cfg.d_model, moe.num_experts, gate=not self.router_free)
+        if moe.aoe is not None:
+            self.experts = AoEExperts(moe.num_experts, cfg.d_model, moe.aoe.d_low, cfg.aoe_d_wide, cfg.activation)
+        else:
+            self.experts = StackedExperts(moe.num_experts, cfg.d_model, moe.expert_ffn_dim, cfg.activation)
         self.shared = GatedMLP(cfg.d_model, moe.shared_ffn_dim, cfg.activation) if moe.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if moe.shared_expert_gate else None
         self.last_counts_E: torch.Tensor | None = None
@@ -53,10 +63,33 @@ class MoELayer(nn.Module):
         cf = self.router_cfg.capacity_factor if self.training else self.router_cfg.eval_capacity_factor
         return None if cf is None else expert_capacity(cf, num_tokens, self.router_cfg.top_k, self.num_experts)
 
+    def reset_extra_parameters(self) -> None:
+        """Inits beyond the model's generic one (Shazeer's zero W_noise, AoE's W_up scale)."""
+        self.router.reset_extra_parameters()
+        if hasattr(self.experts, "reset_extra_parameters"):
+            self.experts.reset_extra_parameters()
+
+    def route(self, x_TD: torch.Tensor) -> Routing:
+        """The router's choice, or (router-free AoE) the experts' own: C = x W_down for all experts
+        in one matmul, scores = ||C_i||, selection by the router's rule, C kept for the experts."""
+        if not self.router_free:
+            return self.router(x_TD)
+        c_TEL = self.experts.low_rank_all(x_TD)
+        routing = self.router.route(expert_norms(c_TEL, self.aoe.norm) / self.router_cfg.temperature)
+        routing.expert_cache_TEL = c_TEL
+        return routing
+
+    def active_expert_params(self) -> float:
+        """Routed-expert parameters a token uses (for the active-parameter count)."""
+        k = self.router.active_experts_per_token
+        if isinstance(self.experts, AoEExperts):
+            return self.experts.active_param_count(k, scores_all=self.router_free)
+        return k * sum(p.numel() for p in self.experts.parameters()) // self.num_experts
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        routing = self.router(x_TD)
+        routing = self.route(x_TD)
         add_aux_losses(self.router_cfg, routing, seq_len=T)
         capacity = self.capacity(B * T)
         kept = routing
@@ -80,7 +113,9 @@ class MoELayer(nn.Module):
         max_vio, cv, dead_expert_frac) on the routed load; dropped_frac (dropped / routed
         assignments); dropped_frac_by_position (seq_len,); experts_per_token_{mean,min,max} (routed,
         before drops); no_expert_token_frac (tokens left with no expert after drops: expert choice,
-        dropping); router_entropy (mean per-token entropy of probs_TE); capacity (None = dropless)."""
+        dropping); router_entropy (mean per-token entropy of probs_TE: AoE's confidence entropy
+        Ent_conf, eq. 8); load_entropy (-sum_i f_i ln f_i of the routed load fractions f, summing to
+        1: AoE's Ent_load, eq. 7, ln E at perfect balance); capacity (None = dropless)."""
         counts_E = routing.expert_counts()
         self.last_counts_E = counts_E
         if self.training:
@@ -92,14 +127,16 @@ class MoELayer(nn.Module):
         dropped_A = torch.zeros_like(pos_A, dtype=torch.bool) if routing.kept_A is None else ~routing.kept_A
         dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()
         p = routing.probs_TE.float()
+        f_E = counts_E.float() / counts_E.sum().clamp_min(1)
         scalars = torch.stack([  # one device sync for all of them
             dropped_A.float().mean() if dropped_A.numel() else p.new_zeros(()),
             per_token_T.mean(), per_token_T.min(), per_token_T.max(),
             (kept_per_token_T == 0).float().mean(),
             -torch.special.xlogy(p, p).sum(-1).mean(),
+            -torch.special.xlogy(f_E, f_E).sum(),
         ]).tolist()
         names = ("dropped_frac", "experts_per_token_mean", "experts_per_token_min", "experts_per_token_max",
-                 "no_expert_token_frac", "router_entropy")
+                 "no_expert_token_frac", "router_entropy", "load_entropy")
         self.last_metrics = {
             "tokens_per_expert": counts_E,
             **load_balance_metrics(counts_E),

@@ -33,6 +33,8 @@ class Routing:
     scores_TE: torch.Tensor | None = None  # raw affinities when they are not probs_TE (V3: sigmoid)
     # set by the MoE layer when a capacity applies: which assignments survived (bool, (A,))
     kept_A: torch.Tensor | None = None
+    # activations computed while scoring that the experts reuse: AoE's x W_down, (T, E, d_low)
+    expert_cache_TEL: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -57,17 +59,24 @@ class Routing:
     def select(self, mask_A: torch.Tensor) -> Routing:
         """The routing with only the assignments where ``mask_A`` is true (same order), no losses."""
         return Routing(self.token_idx_A[mask_A], self.expert_idx_A[mask_A], self.weight_A[mask_A], self.logits_TE,
-                       self.probs_TE, self.num_experts, scores_TE=self.scores_TE)
+                       self.probs_TE, self.num_experts, scores_TE=self.scores_TE,
+                       expert_cache_TEL=self.expert_cache_TEL)
 
 
 class Router(nn.Module):
-    """Base class: a router maps x_TD to a Routing. ``weight`` is the (E, D) gate matrix."""
+    """Base class: a router maps x_TD to a Routing. ``weight`` is the (E, D) gate matrix, or (E, H)
+    after an (H, D) ``hidden`` layer when ``cfg.hidden_dim`` is set. ``gate=False`` builds the
+    selection rule alone, with no parameters: AoE's experts supply the scores (``route``)."""
 
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, gate: bool = True):
         super().__init__()
         self.cfg = cfg
         self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.hidden = None
+        if gate and cfg.hidden_dim is not None:
+            self.hidden = nn.Parameter(torch.empty(cfg.hidden_dim, d_model))
+        width = cfg.hidden_dim if self.hidden is not None else d_model
+        self.weight = nn.Parameter(torch.empty(num_experts, width)) if gate else None
 
     @property
     def active_experts_per_token(self) -> int:
@@ -93,10 +102,17 @@ class Router(nn.Module):
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x32 = x32 * torch.empty_like(x32).uniform_(1.0 - eps, 1.0 + eps)
+        if self.hidden is not None:
+            x32 = torch.nn.functional.silu(x32 @ self.hidden.float().t())  # (T, H)
         return (x32 @ self.weight.float().t()) / self.cfg.temperature  # (T, E)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def route(self, logits_TE: torch.Tensor) -> Routing:
+        """Select from given fp32 scores (T, E), e.g. AoE's expert norms. Routers whose rule needs
+        more than the scores (noise, a bias, sampling) do not implement it."""
+        raise NotImplementedError(f"router type {self.cfg.type} cannot select from external scores")
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        return self.route(self.logits(x_TD))
 
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -110,7 +126,7 @@ def register_router(name: str):
     return deco
 
 
-def build_router(cfg: RouterConfig, d_model: int, num_experts: int) -> Router:
+def build_router(cfg: RouterConfig, d_model: int, num_experts: int, gate: bool = True) -> Router:
     from moelab.moe import routers  # noqa: F401  (fills the registry)
 
-    return ROUTERS[cfg.type](cfg, d_model, num_experts)
+    return ROUTERS[cfg.type](cfg, d_model, num_experts, gate=gate)

@@ -36,7 +36,9 @@ from moelab.train.metrics import MetricsLog, load_stats
 
 METRICS = "metrics.jsonl"
 # Per-layer routing metrics of MoELayer.last_metrics logged every step (mean over MoE layers).
-ROUTING_METRICS = ("dropped_frac", "experts_per_token_mean", "router_entropy")
+ROUTING_METRICS = ("dropped_frac", "experts_per_token_mean", "router_entropy", "load_entropy")
+# ... and these per layer too (the AoE paper's Fig. 3 diagnostics), under record["layers"].
+PER_LAYER_METRICS = ("router_entropy", "load_entropy")
 RUN_CONFIG = "config.yaml"
 
 
@@ -205,6 +207,7 @@ class Trainer:
         t0 = time.perf_counter()
         model.train()
         sums: dict[str, float] = {}
+        per_layer: dict[str, list[float]] = {}
         counts = None
         for _ in range(cfg.grad_accum):
             ids, labels = batches.next()
@@ -218,6 +221,9 @@ class Trainer:
                 vals = [float(m[key]) for m in (layer.last_metrics for layer in model.moe_layers()) if key in m]
                 if vals:
                     sums[key] = sums.get(key, 0.0) + sum(vals) / len(vals) / cfg.grad_accum
+                if key in PER_LAYER_METRICS and vals:
+                    acc = per_layer.setdefault(key, [0.0] * len(vals))
+                    per_layer[key] = [a + v / cfg.grad_accum for a, v in zip(acc, vals)]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -231,6 +237,8 @@ class Trainer:
                   **{k: sums[k] for k in ROUTING_METRICS if k in sums},
                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
         record.update(load_stats(counts or []))
+        if per_layer:
+            record["layers"] = per_layer
         return record
 
     def fit(self) -> RunResult:

@@ -220,6 +220,10 @@ def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("def
         p.append("moe.router.eval_capacity_factor (token dropping at inference)")
     if cfg.moe.router.type not in ("topk", "sparsemixer"):
         p.append(f"moe.router.type={cfg.moe.router.type}")
+    if cfg.moe.aoe is not None:
+        p.append("Autonomy-of-Experts experts (moe.aoe; no transformers model has them)")
+    if cfg.moe.router.hidden_dim is not None:
+        p.append("an MLP router (moe.router.hidden_dim)")
     return p
 
 

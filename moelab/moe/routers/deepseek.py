@@ -80,8 +80,8 @@ class DeepSeekV2Router(Router):
 
 @register_router("deepseek_v3")
 class DeepSeekV3Router(Router):
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
-        super().__init__(cfg, d_model, num_experts)
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, gate: bool = True):
+        super().__init__(cfg, d_model, num_experts, gate=gate)
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):

@@ -59,8 +59,7 @@ class ExpertChoiceRouter(Router):
                               "a KV cache; use model.eval() with expert_choice_eval=topk (the causal token-choice "
                               "fallback), or generate without a cache")
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = self.logits(x_TD)  # (T, E) fp32
+    def route(self, logits_TE: torch.Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         if not self.training and self.cfg.expert_choice_eval == "topk":
             weight_TK, topk_idx_TK = probs_TE.topk(self.cfg.top_k, dim=-1)  # causal fallback
@@ -68,5 +67,5 @@ class ExpertChoiceRouter(Router):
         T, E = probs_TE.shape
         C = self.capacity(T)
         gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)  # each expert's top-C tokens
-        expert_A = torch.arange(E, device=x_TD.device).repeat_interleave(C)  # (E*C,)
+        expert_A = torch.arange(E, device=logits_TE.device).repeat_interleave(C)  # (E*C,)
         return Routing(token_EC.reshape(-1), expert_A, gate_EC.reshape(-1), logits_TE, probs_TE, num_experts=E)

@@ -25,8 +25,8 @@ from moelab.moe.routing import Router, Routing, register_router
 
 @register_router("noisy_topk")
 class NoisyTopKRouter(Router):
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
-        super().__init__(cfg, d_model, num_experts)
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, gate: bool = True):
+        super().__init__(cfg, d_model, num_experts, gate=gate)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))  # W_noise^T, (E, D)
 
     @torch.no_grad()

@@ -26,8 +26,7 @@ from moelab.moe.routing import Router, Routing, register_router
 
 @register_router("top_p")
 class TopPRouter(Router):
-    def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = self.logits(x_TD)  # (T, E) fp32
+    def route(self, logits_TE: torch.Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
         cum = sorted_TE.detach().cumsum(dim=-1)

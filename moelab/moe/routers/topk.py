@@ -18,9 +18,8 @@ from moelab.moe.routing import Router, Routing, register_router
 
 @register_router("topk")
 class TopKRouter(Router):
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def route(self, logits_TE: torch.Tensor) -> Routing:
         K = self.cfg.top_k
-        logits_TE = self.logits(x_TD)  # (T, E) fp32
         probs_TE = logits_TE.softmax(dim=-1)
         if self.cfg.softmax_order == "topk_then_softmax":
             top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
