@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_train.register(sub, _Formatter)
 
+    from moelab import cli_bench
+
+    cli_bench.register(sub, _Formatter)
+
     from moelab import cli_experiments
 
     cli_experiments.register(sub, _Formatter)

@@ -53,3 +53,50 @@ def test_capacity_experiment_quick(tmp_path):
     assert f"{rows['cf_0.5']['val_loss']:.4g}" in md
     assert (out / "plots" / "loss_and_drops_vs_capacity.png").is_file()
     assert (out / "plots" / "drop_by_position.png").is_file()
+
+
+@pytest.mark.slow
+def test_aoe_ablation_quick(tmp_path):
+    out = tmp_path / "aoe"
+    assert main(["experiment", "aoe-ablation", "--quick", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    rows = {r["name"]: r for r in result["variants"]}
+    assert {"moe", "moe+aux", "moe+aux+factorised", "moe+aux+large_router", "aoe_256", "aoe_256+aux"} <= set(rows)
+    # the active expert budget is held (AoE's d_wide from eq. 5), the large router is the only extra
+    moe = rows["moe"]["active_params"]
+    for name, r in rows.items():
+        if name.startswith("aoe") or name == "moe+aux+factorised":
+            assert r["d_low"] is not None
+        assert r["tokens_per_s_ratio"] > 0 and r["activation_bytes_ratio"] > 0
+        assert len(r["load_entropy_per_layer_last20"]) == 2 and 0 < r["val_loss"] < 10
+    assert rows["moe"]["tokens_per_s_ratio"] == 1.0 and rows["moe"]["activation_bytes_ratio"] == 1.0
+    assert abs(rows["moe+aux+factorised"]["active_params"] - moe) / moe < 0.01
+    assert rows["moe+aux+large_router"]["active_params"] > moe
+    # AoE caches T x E x d_low for backward: more activation memory than the MoE it matches
+    assert rows["aoe_256"]["activation_bytes"] > rows["moe"]["activation_bytes"]
+    assert rows["aoe_256"]["paper_score"] == 44.12
+    md = (out / "report.md").read_text()
+    for r in rows.values():
+        assert f"| {r['name']} | {r['val_loss']:.4g} |" in md
+    for png in ("val_loss.png", "entropy_per_layer.png", "expert_load_heatmaps.png", "efficiency_ratios.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_aoe_strategies_quick(tmp_path):
+    out = tmp_path / "strat"
+    assert main(["experiment", "aoe-strategies", "--quick", "--out", str(out), "--no-progress"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "result.json").read_text())["variants"]}
+    assert set(rows) == {"top_p/moe", "top_p/aoe", "expert_choice/moe", "expert_choice/aoe"}
+    for kind in ("moe", "aoe"):
+        assert rows[f"expert_choice/{kind}"]["max_load_last20"] == pytest.approx(1.0)  # EC: balanced
+        assert rows[f"expert_choice/{kind}"]["experts_per_token_last20"] == pytest.approx(2.0)
+        assert rows[f"top_p/{kind}"]["experts_per_token_last20"] >= 1.0
+    assert "| top_p/aoe |" in (out / "report.md").read_text()
+
+
+def test_routerless_cli_needs_a_source_and_others_refuse_one(tmp_path, capsys):
+    assert main(["experiment", "routerless", "--out", str(tmp_path / "rl")]) == 2
+    assert "needs SOURCE" in capsys.readouterr().err
+    assert main(["experiment", "capacity", "somewhere", "--out", str(tmp_path / "c")]) == 2
+    assert "takes no SOURCE" in capsys.readouterr().err

@@ -74,6 +74,10 @@ def run_variant(name: str, cfg: TrainConfig, out: Path, data: RunData) -> dict:
         vals = [r[key] for r in tail if key in r]
         return sum(vals) / len(vals) if vals else None
 
+    def per_layer_mean(values: list[list[float]]) -> list[float] | None:
+        values = [v for v in values if v]
+        return [sum(col) / len(values) for col in zip(*values)] if values else None
+
     tps = sorted(r["tokens_per_s"] for r in steps)
     count = count_params(cfg.model)
     return {
@@ -87,6 +91,14 @@ def run_variant(name: str, cfg: TrainConfig, out: Path, data: RunData) -> dict:
         "load_cv_last20": mean("load_cv"),
         "dropped_frac_last20": mean("dropped_frac"),
         "experts_per_token_last20": mean("experts_per_token_mean"),
+        "load_entropy_last20": mean("load_entropy"),
+        "router_entropy_last20": mean("router_entropy"),
+        # per MoE layer, mean over the last 20% of steps (the AoE paper's Fig. 3 view)
+        "load_entropy_per_layer_last20": per_layer_mean([r.get("layers", {}).get("load_entropy") for r in tail]),
+        "router_entropy_per_layer_last20": per_layer_mean([r.get("layers", {}).get("router_entropy") for r in tail]),
+        "max_load_per_layer_last20": per_layer_mean([r.get("max_load_per_layer") for r in tail]),
+        "load_per_layer_last20": [per_layer_mean([r["load"][i] for r in tail if "load" in r])
+                                  for i in range(len(tail[-1].get("load", [])))],
         "median_tokens_per_s": tps[len(tps) // 2],
         "total_params": count.total_params,
         "active_params": count.active_params,
