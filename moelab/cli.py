@@ -72,8 +72,9 @@ def cmd_params(args: argparse.Namespace) -> int:
               "embedding counted again as the output head, only the K chosen experts (moelab's own figure above "
               "counts the embedding once and every AoE W_down, which every token runs)")
     if count.aoe_cache_bytes_per_token:
-        print(f"AoE activation cache (x W_down of every expert): {count.aoe_cache_bytes_per_token:,} bytes per token "
-              "per forward in fp32, kept for backward in training")
+        print(f"AoE activation cache (x W_down of every expert, all MoE layers): {count.aoe_cache_bytes_per_token:,} "
+              "bytes per token "
+              "per forward at the parameters' dtype (training also keeps each assignment's gathered copy)")
     if cfg.moe is not None:
         print(f"router {cfg.moe.router.type}, balancing in training: {data['balancing']['summary']}")
     return 0
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     from moelab import cli_train
 
     cli_train.register(sub, _Formatter)
+
+    from moelab import cli_analyze
+
+    cli_analyze.register(sub, _Formatter)
 
     from moelab import cli_bench
 

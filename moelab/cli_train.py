@@ -31,6 +31,9 @@ def register(sub, formatter) -> None:
     p.add_argument("--out", help="run directory to create (must not exist or be empty)")
     p.add_argument("--resume", help="run directory to continue from its latest checkpoint")
     p.add_argument("--report", action="store_true", help="write the run report when training ends")
+    p.add_argument("--analyze", action="store_true",
+                   help="end with `moelab analyze` of the final checkpoint on the run's data (RUN/analysis/)")
+    p.add_argument("--analyze-tokens", type=int, default=100_000, help="tokens for --analyze")
     p.set_defaults(func=cmd_train, allow_extra=True, parser=p)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint or run", formatter_class=formatter,
@@ -108,6 +111,14 @@ def cmd_train(args, extra: list[str]) -> int:
         from moelab.report import write_run_report
 
         print(f"report: {write_run_report(run_dir)['md']}")
+    if args.analyze:
+        from pathlib import Path
+
+        from moelab.analysis import analyze
+
+        r = analyze(run_dir, Path(run_dir) / "analysis", data=cfg.data, max_tokens=args.analyze_tokens,
+                    progress=cfg.progress, seed=cfg.seed)
+        print(f"analysis: {r['report']}")
     return 0
 
 

@@ -180,6 +180,9 @@ class RouterConfig:
             _positive("router.hidden_dim", self.hidden_dim)
         if self.group_score is not None:
             _choice("router.group_score", self.group_score, GROUP_SCORES)
+            if self.type not in ("deepseek_v2", "deepseek_v3"):
+                raise ConfigError("router.group_score", self.group_score,
+                                  "group scores apply to group-limited routing: router.type deepseek_v2 or deepseek_v3")
         _positive("router.routed_scaling_factor", self.routed_scaling_factor)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("router.top_p", self.top_p, "must be in (0, 1]")
@@ -372,7 +375,10 @@ class MoEConfig:
         for name, bad, why in (("jitter_eps", r.jitter_eps > 0, "input jitter would make the scores and the "
                                 "experts see different inputs"),
                                ("n_group", r.n_group > 1, "group-limited routing is DeepSeek's"),
-                               ("hidden_dim", r.hidden_dim is not None, "AoE has no router to enlarge")):
+                               ("hidden_dim", r.hidden_dim is not None, "AoE has no router to enlarge"),
+                               ("softmax_order", r.type == "topk" and r.softmax_order == "softmax_then_topk"
+                                and not r.norm_topk_prob, "AoE's gates are softmax over the K chosen norms "
+                                "(Alg. 2); use topk_then_softmax or set norm_topk_prob=true")):
             if bad:
                 raise ConfigError(f"moe.router.{name}", getattr(r, name), f"not available with moe.aoe "
                                   f"(router-free): {why}; remove it")

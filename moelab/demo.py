@@ -1,4 +1,5 @@
-"""`make demo`: build the built-in corpus, train the tiny MoE on CPU, sample from it, write its report.
+"""`make demo`: build the built-in corpus, train the tiny MoE on CPU, sample from it, write its report
+and analyse its routing (`moelab analyze`).
 
 Usage: python -m moelab.demo [--steps N] [--out runs/demo]
 """
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from moelab.train import TrainConfig, train
 
     t0 = time.time()
-    print("[1/4] building the built-in corpus (cached after the first build)")
+    print("[1/5] building the built-in corpus (cached after the first build)")
     corpus = load_corpus("builtin")
     for dom in corpus.domains:
         n = sum(d.domain == dom for d in corpus.train)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, eval_every=max(args.steps // 4, 1))
     count = count_params(cfg.model)
     run_dir = _fresh_dir(Path(args.out))
-    print(f"[2/4] training the tiny MoE ({human(count.total_params)} total / {human(count.active_params)} active "
+    print(f"[2/5] training the tiny MoE ({human(count.total_params)} total / {human(count.active_params)} active "
           f"parameters, {cfg.model.moe.num_experts} experts top-{cfg.model.moe.router.top_k}) "
           f"for {cfg.steps} steps into {run_dir}")
     result = train(cfg, run_dir)
@@ -58,16 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      validation loss {val:.3f} nats/token vs unigram entropy {result.unigram_entropy:.3f} nats/token "
           f"({'learned: far below' if val < result.unigram_entropy - 0.5 else 'NOT clearly below'} the unigram baseline)")
 
-    print("[3/4] sampling from the trained model")
+    print("[3/5] sampling from the trained model")
     model, tok = load(run_dir), load_tokenizer(run_dir)
     for prompt in ("def ", "The ", "Solve "):
         text = generate(model, tok, prompt, max_new_tokens=40, temperature=0.7, top_k=40, seed=0)
         print(f"      {prompt!r} -> {(prompt + text)[:120]!r}")
 
-    print("[4/4] writing the report")
+    print("[4/5] writing the report")
     paths = write_run_report(run_dir)
+    print("[5/5] analysing the routing: moelab analyze on 100k tokens of the built-in corpus")
+    from moelab.analysis import analyze
+
+    analysis = analyze(run_dir, run_dir / "analysis", data="builtin", max_tokens=100_000)
+    print(f"      analysed {analysis['tokens']:,} tokens in {analysis['seconds']:.0f} s")
     print(f"done in {time.time() - t0:.0f} s. Report: {paths['md'].resolve()}")
     print(f"                          {paths['html'].resolve()}")
+    print(f"                Analysis: {Path(analysis['report']).resolve()}")
     return 0 if val < result.unigram_entropy else 1
 
 

@@ -93,7 +93,7 @@ class MoETransformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         for layer in self.moe_layers():
-            layer.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero, AoE's W_up scale
+            layer.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]

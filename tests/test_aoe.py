@@ -235,3 +235,24 @@ def test_aoe_tiny_trains_resumes_and_generates(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with_cache = generate_ids(a, ids, 6, use_cache=True)
     assert torch.equal(with_cache, generate_ids(a, ids, 6, use_cache=False))
+
+
+def test_aux_loss_is_eq_6_on_the_norms():
+    # L_aux = alpha * n * sum_i f_i P_i, f_i = share of tokens with i in their top-K (sums to K),
+    # P_i = mean softmax over all n norms; moelab's Switch loss has f summing to 1, so alpha_paper
+    # 0.01 is load_balance_coef 0.01 * K.
+    K, n = 2, 4
+    layer = _layer(_cfg(E=n, K=K, router=RouterConfig(top_k=K, load_balance_coef=0.01 * K))).train()
+    x = torch.randn(3, 7, 16)
+    _, r = layer(x)
+    norms = expert_norms(layer.experts.low_rank_all(x.reshape(21, 16)), "l2")
+    top = norms.topk(K, dim=-1).indices
+    f = torch.zeros(n).index_add_(0, top.reshape(-1), torch.ones(21 * K)) / 21
+    P = norms.softmax(-1).mean(0)
+    torch.testing.assert_close(r.aux_losses["load_balance"], 0.01 * n * (f * P).sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_aoe_gates_must_sum_to_one():
+    with pytest.raises(ConfigError, match="moe.router.softmax_order"):
+        _cfg(router=RouterConfig(top_k=2, softmax_order="softmax_then_topk"))
+    _cfg(router=RouterConfig(top_k=2, softmax_order="softmax_then_topk", norm_topk_prob=True))  # = Alg. 2

@@ -232,3 +232,35 @@ def test_expert_choice_batch_eval_refuses_a_kv_cache():
     a = generate_ids(causal, ids, 5, temperature=0.0, top_k=None, top_p=None, use_cache=True)
     b = generate_ids(causal, ids, 5, temperature=0.0, top_k=None, top_p=None, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("router", [
+    dict(type="topk", top_k=3), dict(type="topk", top_k=3, softmax_order="softmax_then_topk"),
+    dict(type="noisy_topk", top_k=3), dict(type="top_p", top_p=0.7, top_k=2),
+    dict(type="expert_choice", top_k=2, capacity_factor=1.0), dict(type="deepseek_v2", top_k=3),
+    dict(type="sparsemixer", top_k=2)])
+def test_every_router_emits_a_tokens_choices_best_first(router):
+    # the Routing invariant capacity priority relies on: token-major, each token's choices in
+    # descending order of the router's own ranking (gates here, for routers that rank by gate)
+    from moelab.moe.dispatch import choice_rank
+
+    torch.manual_seed(0)
+    r_mod = build_router(RouterConfig(**router), 8, 6).train(router["type"] == "expert_choice")  # EC: batch rule
+    torch.nn.init.normal_(r_mod.weight)
+    r = r_mod(torch.randn(12, 8))
+    rank = choice_rank(r)
+    for t in range(12):
+        mine = (r.token_idx_A == t).nonzero().squeeze(1)
+        assert rank[mine].tolist() == list(range(len(mine)))
+        if router["type"] == "sparsemixer":  # pick order: each pick's gate is over its own survivors
+            assert r.expert_idx_A[mine[0]] == r.logits_TE[t].argmax()
+            continue
+        w = r.weight_A[mine]
+        assert torch.all(w[:-1] >= w[1:]), (router, w)
+
+
+def test_group_score_needs_a_deepseek_router():
+    from moelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="router.group_score"):
+        RouterConfig(type="topk", group_score="max")

@@ -48,7 +48,8 @@ def _step(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> No
 def measure_training_steps(models: Mapping[str, nn.Module], input_ids: torch.Tensor, labels: torch.Tensor,
                            reps: int = 5, warmup: int = 1) -> dict[str, dict]:
     """For every model: median tokens/s of forward + backward over ``reps`` interleaved repetitions,
-    the saved-activation bytes of one forward, and (CUDA) the peak allocated bytes of one step."""
+    the saved-for-backward bytes of one forward, and (CUDA) the peak bytes one step allocates above
+    the resident weights and optimizer-free state."""
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
     for m in models.values():
@@ -67,13 +68,18 @@ def measure_training_steps(models: Mapping[str, nn.Module], input_ids: torch.Ten
                 torch.cuda.synchronize()
             times[n].append(time.perf_counter() - t0)
     tokens = input_ids.numel()
+    for m in models.values():  # no model's gradients may count in another's peak
+        m.zero_grad(set_to_none=True)
     out = {}
     for n in names:
         peak = None
         if input_ids.is_cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             _step(models[n], input_ids, labels)
-            peak = torch.cuda.max_memory_allocated()
+            models[n].zero_grad(set_to_none=True)
+            peak = torch.cuda.max_memory_allocated() - base  # this step's own peak above the resident state
         out[n] = {"tokens_per_s": tokens / statistics.median(times[n]), "step_s": times[n],
                   "activation_bytes": saved_activation_bytes(models[n], input_ids, labels),
                   "cuda_peak_bytes": peak}

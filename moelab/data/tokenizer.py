@@ -49,8 +49,10 @@ class Tokenizer:
         """The underlying ``tokenizers.Tokenizer`` (e.g. for ``transformers.PreTrainedTokenizerFast``)."""
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens=True`` encodes exactly as ``tokenizer.json``
+        does by default (its post-processor's BOS/EOS included, e.g. Llama's ``<s>``)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Like ``[encode(t) for t in texts]``, in parallel threads."""

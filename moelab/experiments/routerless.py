@@ -89,13 +89,13 @@ def _finish(ex: StackedExperts, e: int, x_ND: torch.Tensor, h_NX: torch.Tensor, 
     return h_NX @ ex.down_EDF[e].t()
 
 
-def _select_chunk(ex: StackedExperts, x_CD: torch.Tensor, node: str, norm: str, K: int):
+def _select_chunk(ex: StackedExperts, x_CD: torch.Tensor, node: str, norm: str, K: int, scale: float = 1.0):
     """All E experts to ``node``, top-K by norm, the K finish; -> (out_CD, norms_CE, idx_CK, weight_CK)."""
     C, D = x_CD.shape
     node_CEX = torch.stack([_node(ex, e, x_CD, node) for e in range(ex.num_experts)], dim=1)
     norms_CE = torch.linalg.vector_norm(node_CEX.float(), ord=_ORD[norm], dim=-1)  # fp32 scores
     top_CK, idx_CK = norms_CE.topk(K, dim=-1)
-    weight_CK = top_CK.softmax(dim=-1)  # AoE: softmax over the K chosen norms
+    weight_CK = top_CK.softmax(dim=-1) * scale  # AoE: softmax over the K chosen norms, x the router's scale
     tok_A, exp_A = torch.arange(C, device=x_CD.device).repeat_interleave(K), idx_CK.reshape(-1)
     y_AD = x_CD.new_empty(C * K, D)
     for e in exp_A.unique().tolist():  # each chosen expert finishes on its rows only
@@ -113,7 +113,9 @@ def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str) -> tupl
     ex, K = layer.experts, layer.router_cfg.top_k
     width = ex.d_model if node == "output" else ex.ffn_dim
     chunk = max(1, _CHUNK_ELEMS // (ex.num_experts * width))
-    parts = [_select_chunk(ex, x_TD[s:s + chunk], node, norm, K) for s in range(0, B * T, chunk)]
+    # the router's own gate scale (DeepSeek's routed_scaling_factor) is kept; the paper does not say
+    scale = layer.router_cfg.routed_scaling_factor
+    parts = [_select_chunk(ex, x_TD[s:s + chunk], node, norm, K, scale) for s in range(0, B * T, chunk)]
     out_TD, norms_TE, idx_TK, weight_TK = (torch.cat(p) for p in zip(*parts))
     if layer.shared is not None:  # exactly as MoELayer.forward
         shared_TD = layer.shared(x_TD)

@@ -9,6 +9,10 @@ from the cached C_i (never recomputed) with gates softmax(p[I]); the others stop
 never form a d_wide activation. The same experts with a conventional router compute x W_down only
 for their assignments (the Table 2 "factorised W_g" ablation).
 
+Init: the model's generic Normal(0, init_std) for all four matrices (W_o scaled as every residual
+output), as the authors' ``ExpertAoE.reset_parameters`` does with 0.02; W_down W_up then starts with
+std sqrt(d_low) * init_std^2, smaller than a directly drawn W_g.
+
 Parameters, stacked per expert like :class:`moelab.moe.experts.StackedExperts` ((out, in) per expert):
 wdown_ELD (E, d_low, D), wup_EWL (E, d_wide, d_low), wp_EWD (E, d_wide, D), wo_EDW (E, D, d_wide).
 
@@ -16,8 +20,6 @@ Shape legend: T tokens, D model dim, E experts, L d_low, W d_wide, A assignments
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -46,13 +48,6 @@ class AoEExperts(nn.Module):
         self.wp_EWD = nn.Parameter(torch.empty(num_experts, d_wide, d_model))
         self.wo_EDW = nn.Parameter(torch.empty(num_experts, d_model, d_wide))
         self.act = activation_fn(activation)
-
-    @torch.no_grad()
-    def reset_extra_parameters(self) -> None:
-        """Called after the model's generic Normal(0, std) init: W_up ~ N(0, 1/d_low), so that
-        W_down W_up starts with the variance of a W_g drawn directly with the model's std (the paper
-        states no init; with both factors at std 0.02 the gate would start ~40x too small)."""
-        nn.init.normal_(self.wup_EWL, 0.0, 1.0 / math.sqrt(self.d_low))
 
     def low_rank_all(self, x_TD: torch.Tensor) -> torch.Tensor:
         """C = x W_down for every expert in one matmul: (T, E, L)."""

@@ -64,10 +64,8 @@ class MoELayer(nn.Module):
         return None if cf is None else expert_capacity(cf, num_tokens, self.router_cfg.top_k, self.num_experts)
 
     def reset_extra_parameters(self) -> None:
-        """Inits beyond the model's generic one (Shazeer's zero W_noise, AoE's W_up scale)."""
+        """Inits beyond the model's generic one (Shazeer's zero W_noise)."""
         self.router.reset_extra_parameters()
-        if hasattr(self.experts, "reset_extra_parameters"):
-            self.experts.reset_extra_parameters()
 
     def route(self, x_TD: torch.Tensor) -> Routing:
         """The router's choice, or (router-free AoE) the experts' own: C = x W_down for all experts

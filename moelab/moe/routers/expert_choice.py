@@ -68,4 +68,8 @@ class ExpertChoiceRouter(Router):
         C = self.capacity(T)
         gate_EC, token_EC = probs_TE.t().topk(C, dim=-1)  # each expert's top-C tokens
         expert_A = torch.arange(E, device=logits_TE.device).repeat_interleave(C)  # (E*C,)
-        return Routing(token_EC.reshape(-1), expert_A, gate_EC.reshape(-1), logits_TE, probs_TE, num_experts=E)
+        token_A, gate_A = token_EC.reshape(-1), gate_EC.reshape(-1)
+        # token-major, each token's experts by descending gate: the Routing choice-order invariant
+        order_A = torch.argsort(-gate_A.detach(), stable=True)
+        order_A = order_A[torch.argsort(token_A[order_A], stable=True)]
+        return Routing(token_A[order_A], expert_A[order_A], gate_A[order_A], logits_TE, probs_TE, num_experts=E)

@@ -1,0 +1,151 @@
+"""The routing recorder: attaches to a model from outside (forward hooks on its MoE layers) and keeps,
+per MoE layer and token, what the analyses need.
+
+Per token (only the tokens the caller marks as real, see :meth:`RoutingRecorder.set_mask`):
+- ``experts``: the selected experts in choice order, padded with -1 (K columns for token choice,
+  up to E for expert choice / top-p), int16;
+- ``weights``: their combine weights (fp32), 0 where padded;
+- ``scores``: the full score vector the router selected from (router probabilities, or for AoE
+  the softmax of the expert norms), fp16;
+- ``dropped``: which of the selected experts a capacity limit dropped (bool);
+- with ``expert_outputs=True``: the L2 norm of every expert's unweighted output (all experts are run
+  on every token, as "A Closer Look into MoE" does), fp32, and the per-layer sum over tokens of the
+  cosine similarity of every pair of expert outputs (E x E, float64).
+Logits are unchanged (the hooks only read; the extra expert runs are under no_grad). Arrays are
+kept in chunks, in memory or, with ``spill_dir``, as ``.npy`` files read back memory-mapped, so
+long inputs need not live in memory. There is no global state: detach with ``close()`` or use the
+recorder as a context manager.
+
+Shape legend: T tokens (real ones of a batch), E experts, K selected per token, D model dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelab.moe.dispatch import choice_rank
+from moelab.moe.layer import MoELayer
+from moelab.moe.routing import Routing
+
+
+class _Chunks:
+    """Append-only list of equally-typed 2-D arrays, optionally spilled to ``.npy`` files."""
+
+    def __init__(self, spill: Path | None, name: str):
+        self.spill, self.name, self.parts = spill, name, []
+
+    def append(self, a: np.ndarray) -> None:
+        if self.spill is not None:
+            path = self.spill / f"{self.name}_{len(self.parts):06d}.npy"
+            np.save(path, a)
+            a = np.load(path, mmap_mode="r")
+        self.parts.append(a)
+
+    def concat(self, pad_value=None) -> np.ndarray:
+        """All chunks, rows concatenated; chunks of fewer columns are padded with ``pad_value``."""
+        if not self.parts:
+            return np.zeros((0, 0))
+        if self.parts[0].ndim == 1:
+            return np.concatenate(self.parts)
+        width = max(p.shape[1] for p in self.parts)
+        out = [p if p.shape[1] == width else np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=pad_value)
+               for p in self.parts]
+        return np.concatenate(out)
+
+
+class LayerTrace:
+    def __init__(self, block_index: int, num_experts: int, spill: Path | None):
+        self.block_index, self.num_experts = block_index, num_experts
+        prefix = f"layer{block_index}"
+        self.experts = _Chunks(spill, f"{prefix}_experts")
+        self.weights = _Chunks(spill, f"{prefix}_weights")
+        self.scores = _Chunks(spill, f"{prefix}_scores")
+        self.dropped = _Chunks(spill, f"{prefix}_dropped")
+        self.output_norms = _Chunks(spill, f"{prefix}_output_norms")
+        self.output_cos_sum_EE = np.zeros((num_experts, num_experts))
+        self.output_cos_tokens = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"experts": self.experts.concat(-1), "weights": self.weights.concat(0.0),
+                "scores": self.scores.concat(), "dropped": self.dropped.concat(False),
+                "output_norms": self.output_norms.concat() if self.output_norms.parts else None}
+
+
+def per_token_choices(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, W) experts in choice order (-1 padded), their weights, their dropped flags; W = the
+    most experts any token got."""
+    T = routing.num_tokens
+    rank_A = choice_rank(routing)
+    W = int(rank_A.max()) + 1 if rank_A.numel() else 1
+    experts = torch.full((T, W), -1, dtype=torch.long, device=rank_A.device)
+    weights = torch.zeros(T, W, dtype=torch.float32, device=rank_A.device)
+    dropped = torch.zeros(T, W, dtype=torch.bool, device=rank_A.device)
+    experts[routing.token_idx_A, rank_A] = routing.expert_idx_A
+    weights[routing.token_idx_A, rank_A] = routing.weight_A.detach().float()
+    if routing.kept_A is not None:
+        dropped[routing.token_idx_A, rank_A] = ~routing.kept_A
+    return experts, weights, dropped
+
+
+@torch.no_grad()
+def all_expert_outputs(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E, D): every expert's unweighted output on every token (a loop over experts: on CPU
+    it beats one batched einsum, which materialises (E, T, F) twice)."""
+    ex = layer.experts
+    return torch.stack([ex.expert(e, x_TD) for e in range(layer.num_experts)], dim=1)
+
+
+class RoutingRecorder:
+    def __init__(self, model, layers: list[int] | None = None, expert_outputs: bool = False,
+                 spill_dir: str | Path | None = None, token_chunk: int = 1024):
+        blocks = [(i, b.ffn) for i, b in enumerate(model.blocks) if b.is_moe]
+        chosen = blocks if layers is None else [(i, m) for i, m in blocks if i in set(layers)]
+        self.expert_outputs, self.token_chunk = expert_outputs, token_chunk
+        spill = Path(spill_dir) if spill_dir is not None else None
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+        self.traces = {i: LayerTrace(i, m.num_experts, spill) for i, m in chosen}
+        self._mask: torch.Tensor | None = None
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in chosen]
+
+    def set_mask(self, mask_BT: torch.Tensor | None) -> None:
+        """Which tokens of the next forward to record (padding excluded); None = all."""
+        self._mask = mask_BT
+
+    def _hook(self, block_index: int):
+        def hook(module: MoELayer, inputs, output):
+            x_BTD = inputs[0]
+            routing: Routing = output[1]
+            keep_T = (self._mask.reshape(-1).to(x_BTD.device) if self._mask is not None
+                      else torch.ones(routing.num_tokens, dtype=torch.bool, device=x_BTD.device))
+            experts, weights, dropped = per_token_choices(routing)
+            tr = self.traces[block_index]
+            tr.experts.append(experts[keep_T].to(torch.int16).cpu().numpy())
+            tr.weights.append(weights[keep_T].cpu().numpy())
+            tr.dropped.append(dropped[keep_T].cpu().numpy())
+            tr.scores.append(routing.probs_TE.detach()[keep_T].to(torch.float16).cpu().numpy())
+            if self.expert_outputs:
+                x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])[keep_T]
+                norms = []
+                for s in range(0, x_TD.shape[0], self.token_chunk):
+                    y_TED = all_expert_outputs(module, x_TD[s:s + self.token_chunk]).float()
+                    norms.append(y_TED.norm(dim=-1))
+                    unit_TED = y_TED / y_TED.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    tr.output_cos_sum_EE += torch.einsum("ted,tfd->ef", unit_TED, unit_TED).double().cpu().numpy()
+                    tr.output_cos_tokens += y_TED.shape[0]
+                tr.output_norms.append(torch.cat(norms).cpu().numpy() if norms else np.zeros((0, module.num_experts)))
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> RoutingRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Expert similarity ("A Closer Look into Mixture-of-Experts in Large Language Models", Lo et al.
+2024, arXiv 2406.18219, static and dynamic analyses; code kamanphoebe/Look-into-MoEs).
+
+- Matrix level: cosine similarity of the flattened gate, up and down matrices of every pair of
+  experts of a layer (E x E each). A scaled copy of an expert has similarity 1.
+- Output level: the mean over tokens of the cosine of two experts' outputs on the same token
+  (accumulated by the recorder).
+- Weight vs output: the Pearson correlation (and R^2) over expert pairs between weight similarity
+  and output similarity, per matrix kind.
+- Router vs experts: the paper's gate-embedding analysis. The cosine of router rows (E x E) is
+  regressed on the neuron-averaged expert similarity (w1/w3 averaged over their F rows, w2 over its
+  F columns: one D-vector per expert) over the lower-triangle pairs; R^2 per matrix kind.
+- Neuron matching (optional, costly): per pair, match the F neurons by the Hungarian algorithm on
+  their cosine (scipy ``linear_sum_assignment``, maximised) and report the similarity after
+  reordering; also Kendall's tau of the matching against the identity.
+
+For AoE experts the gate matrix is the product W_up W_down (d_wide x D), up is W_p, down is W_o.
+
+Shape legend: E experts, F expert FFN dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moelab.moe.aoe import AoEExperts
+from moelab.moe.layer import MoELayer
+
+KINDS = ("gate", "up", "down")
+
+
+@torch.no_grad()
+def expert_matrices(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """gate/up as (E, F, D), down as (E, D, F), fp32."""
+    ex = layer.experts
+    if isinstance(ex, AoEExperts):
+        return {"gate": (ex.wup_EWL @ ex.wdown_ELD).float(), "up": ex.wp_EWD.float(), "down": ex.wo_EDW.float()}
+    return {"gate": ex.gate_EFD.float(), "up": ex.up_EFD.float(), "down": ex.down_EDF.float()}
+
+
+def cosine_matrix(v_EX: torch.Tensor) -> np.ndarray:
+    u = v_EX / v_EX.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (u @ u.t()).clamp(-1, 1).detach().double().cpu().numpy()
+
+
+def weight_similarity(layer: MoELayer) -> dict[str, list[list[float]]]:
+    return {k: cosine_matrix(m.reshape(m.shape[0], -1)).tolist() for k, m in expert_matrices(layer).items()}
+
+
+def neuron_averaged(layer: MoELayer) -> dict[str, np.ndarray]:
+    """Per kind, the cosine of the neuron-averaged expert vectors (gate/up over F rows, down over F columns)."""
+    m = expert_matrices(layer)
+    return {"gate": cosine_matrix(m["gate"].mean(dim=1)), "up": cosine_matrix(m["up"].mean(dim=1)),
+            "down": cosine_matrix(m["down"].mean(dim=2))}
+
+
+def _lower(m: np.ndarray) -> np.ndarray:
+    i, j = np.tril_indices(m.shape[0], k=-1)
+    return np.asarray(m)[i, j]
+
+
+def pair_correlation(x_EE, y_EE) -> dict:
+    """Pearson r and R^2 of a linear fit of y on x over the lower-triangle expert pairs."""
+    x, y = _lower(np.asarray(x_EE)), _lower(np.asarray(y_EE))
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return {"r": None, "r2": None, "pairs": int(len(x))}
+    r = float(np.corrcoef(x, y)[0, 1])
+    return {"r": r, "r2": r * r, "pairs": int(len(x))}
+
+
+@torch.no_grad()
+def router_rows_similarity(layer: MoELayer) -> np.ndarray | None:
+    """Cosine of the router's rows (E x E); None without a router (AoE) or with an MLP router."""
+    w = getattr(layer.router, "weight", None)
+    if w is None or getattr(layer.router, "hidden", None) is not None:
+        return None
+    return cosine_matrix(w.float())
+
+
+def router_vs_experts(layer: MoELayer) -> dict | None:
+    rows = router_rows_similarity(layer)
+    if rows is None:
+        return None
+    return {k: pair_correlation(v, rows) for k, v in neuron_averaged(layer).items()}
+
+
+@torch.no_grad()
+def neuron_matched_similarity(layer: MoELayer) -> dict[str, list[list[float]]]:
+    """Per kind, E x E similarity after matching the neurons of each pair (Hungarian, on the
+    concatenated gate/up rows and down columns of each neuron), plus Kendall's tau of each matching."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+        from scipy.stats import kendalltau
+    except ImportError as e:  # pragma: no cover - scipy is a dependency
+        raise ImportError("neuron matching needs scipy: pip install scipy") from e
+    m = expert_matrices(layer)
+    E = m["gate"].shape[0]
+    neuron_EFX = torch.cat([m["gate"], m["up"], m["down"].transpose(1, 2)], dim=-1)  # a neuron's 3 vectors
+    unit = neuron_EFX / neuron_EFX.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out = {k: np.eye(E).tolist() for k in KINDS}
+    tau = np.eye(E)
+    for a in range(E):
+        for b in range(a):
+            cost = (unit[a] @ unit[b].t()).double().cpu().numpy()  # (F, F) neuron cosines
+            _, perm = linear_sum_assignment(cost, maximize=True)
+            for k in KINDS:
+                va = m[k][a] if k != "down" else m[k][a].t()
+                vb = (m[k][b] if k != "down" else m[k][b].t())[torch.as_tensor(perm)]
+                cos = float(torch.nn.functional.cosine_similarity(va.reshape(1, -1), vb.reshape(1, -1)))
+                out[k][a][b] = out[k][b][a] = cos
+            tau[a, b] = tau[b, a] = float(kendalltau(np.arange(len(perm)), perm).statistic)
+    return {**out, "kendall_tau": tau.tolist()}

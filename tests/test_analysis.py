@@ -1,0 +1,216 @@
+"""`moelab analyze`: statistics checked on planted routing, the recorder, the report, bad input."""
+
+import json
+from math import comb
+
+import numpy as np
+import pytest
+import torch
+
+from moelab.analysis import RoutingRecorder, analyze
+from moelab.analysis import similarity, stats
+from moelab.cli import main
+from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.data import train_tokenizer
+from moelab.errors import ConfigError, DataError, MoelabError
+from moelab.model import build_model
+from moelab.serialization import save_model
+
+E = 4
+TEXTS = ["the cat sat on the mat and the dog sat on the log", "one two three four five six seven eight nine ten",
+         "def f(x): return x + 1 if x else x - 1", "alpha beta gamma delta epsilon zeta eta theta"]
+
+
+def planted_model(vocab: int, capacity_factor=None) -> torch.nn.Module:
+    """One MoE block whose routing is a function of the token id: attention writes nothing, the
+    embedding of token i is 10 * onehot(i mod E) + 5 * onehot((i + 1) mod E), the router reads those
+    dims, so token i's choices are [i mod E, (i + 1) mod E] in that order."""
+    cfg = ModelConfig(vocab_size=vocab, d_model=8, num_layers=1, max_seq_len=64, dense_ffn_dim=16,
+                      attention=AttentionConfig(num_heads=2),
+                      moe=MoEConfig(num_experts=E, expert_ffn_dim=8, router=RouterConfig(
+                          top_k=2, eval_capacity_factor=capacity_factor)))
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.o_proj.weight.zero_()
+        emb = torch.zeros(vocab, 8)
+        ids = torch.arange(vocab)
+        emb[ids, ids % E] = 10.0
+        emb[ids, (ids + 1) % E] = 5.0
+        model.embed.weight.copy_(emb)
+        model.blocks[0].ffn_norm.weight.fill_(1.0)
+        router = torch.zeros(E, 8)
+        router[:, :E] = torch.eye(E)
+        model.blocks[0].ffn.router.weight.copy_(router)
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("planted")
+    tok = train_tokenizer(TEXTS * 3, vocab_size=300)
+    model = planted_model(tok.vocab_size)
+    save_model(model, d / "model")
+    tok.save(d / "model" / "tokenizer.json")
+    data = d / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "domain": ["prose", "code"][i % 2]}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    return d / "model", data, tok
+
+
+def test_planted_routing_is_found(planted, tmp_path):
+    model_dir, data, tok = planted
+    r = analyze(model_dir, tmp_path / "an", data=str(data), expert_outputs=True, progress=False)
+    assert r["layers"] == [0] and r["tokens"] == sum(len(tok.encode(t, add_special_tokens=True)) for t in TEXTS)
+    assert r["token_specialization"]["0"] == 1.0  # routing is a function of the id alone
+    # hand count of the consecutive rates over within-document pairs only
+    first = either = pairs = 0
+    for t in TEXTS:
+        ids = tok.encode(t, add_special_tokens=True)
+        for a, b in zip(ids, ids[1:]):
+            sa, sb = {a % E, (a + 1) % E}, {b % E, (b + 1) % E}
+            first += a % E == b % E
+            either += bool(sa & sb)
+            pairs += 1
+    c = r["consecutive"]["0"]
+    assert c["pairs"] == pairs
+    assert c["first"] == pytest.approx(first / pairs) and c["either"] == pytest.approx(either / pairs)
+    assert (c["random_first"], c["random_either"]) == (0.25, pytest.approx(1 - comb(2, 2) / comb(4, 2)))
+    for dom, load in r["expert_load"]["0"].items():
+        assert sum(load) == pytest.approx(1.0)
+    assert set(r["expert_load"]["0"]) == {"prose", "code", "all"}
+    assert len(r["router_vs_norm"]["0"]["rank_matrix"]) == E
+    assert (tmp_path / "an" / "report.html").read_text().count("data:image/png;base64") >= 5
+    saved = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert saved["consecutive"] == r["consecutive"] and saved["drop_by_position"] == {}
+
+
+def test_recorder_leaves_logits_unchanged_and_records_choice_order(planted):
+    model_dir, _, _ = planted
+    from moelab.loading import load
+
+    model = load(model_dir)
+    ids = torch.arange(1, 13).view(2, 6)
+    ref = model(ids).logits
+    with RoutingRecorder(model, expert_outputs=True) as rec:
+        out = model(ids).logits
+    assert torch.equal(out, ref)
+    experts = rec.traces[0].arrays()["experts"]
+    assert experts.tolist() == [[i % E, (i + 1) % E] for i in range(1, 13)]
+    assert torch.equal(model(ids).logits, ref)  # detached: hooks removed
+
+
+def test_one_token_documents_never_pair():
+    doc = np.arange(10)  # every token its own document
+    pos = np.zeros(10, dtype=np.int64)
+    experts = np.zeros((10, 2), dtype=np.int64)
+    c = stats.consecutive(experts, doc, pos, np.zeros(10, dtype=np.int64), ["all"], 4, 2)
+    assert c["pairs"] == 0 and c["first"] == 0.0
+    # two documents back to back: the pair across the boundary is not counted
+    doc2 = np.array([0, 0, 0, 1, 1])
+    pos2 = np.array([0, 1, 2, 0, 1])
+    assert stats.adjacent_pairs(doc2, pos2).tolist() == [0, 1, 3]
+
+
+def test_uniform_random_routing_gives_the_random_baselines():
+    rng = np.random.default_rng(0)
+    N, E8, K = 200_000, 8, 2
+    experts = np.argsort(rng.random((N, E8)), axis=1)[:, :K]  # K distinct uniform experts per token
+    doc = np.zeros(N, dtype=np.int64)
+    c = stats.consecutive(experts, doc, np.arange(N), doc, ["all"], E8, K)
+    assert abs(c["first"] - 1 / 8) < 0.005 and abs(c["either"] - 13 / 28) < 0.005
+    assert c["random_either"] == pytest.approx(13 / 28)
+    spec = stats.token_specialization(experts[:, 0], rng.integers(0, 50, N))
+    assert spec < 0.2  # ~ the most common of 8 equally likely experts per id
+
+
+def test_identical_and_scaled_experts_have_similarity_one():
+    from moelab.moe.layer import MoELayer
+    from tests.helpers import small_config
+
+    layer = MoELayer(small_config())
+    with torch.no_grad():
+        for p in (layer.experts.gate_EFD, layer.experts.up_EFD, layer.experts.down_EDF):
+            p.normal_()
+            p[1] = p[0]
+            p[2] = 3.0 * p[0]
+    sim = similarity.weight_similarity(layer)
+    for k in ("gate", "up", "down"):
+        assert sim[k][0][1] == pytest.approx(1.0) and sim[k][0][2] == pytest.approx(1.0)
+        assert abs(sim[k][0][3]) < 0.3
+    matched = similarity.neuron_matched_similarity(layer)
+    assert matched["gate"][0][1] == pytest.approx(1.0)
+
+
+def test_router_vs_norm_rank_matrix_by_hand():
+    norms = np.array([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
+    scores = np.array([[0.5, 0.2, 0.3], [0.6, 0.3, 0.1]])
+    m = stats.rank_matrix(norms, scores)
+    # token 0: norm order e0, e2, e1 has score ranks 0, 1, 2; token 1: norm order e2, e1, e0 -> 2, 1, 0
+    assert m.tolist() == [[1, 0, 1], [0, 2, 0], [1, 0, 1]]
+    rv = stats.router_vs_norm(np.array([0, 0]), norms, scores)
+    assert rv["top1_is_max_norm"] == 0.5
+
+
+def test_drops_by_position_with_a_capacity(tmp_path):
+    tok = train_tokenizer(TEXTS * 3, vocab_size=300)
+    model = planted_model(tok.vocab_size, capacity_factor=0.5)
+    save_model(model, tmp_path / "m")
+    tok.save(tmp_path / "m" / "tokenizer.json")
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(TEXTS))
+    r = analyze(tmp_path / "m", tmp_path / "an", data=str(data), expert_outputs=False, progress=False, batch_size=2)
+    drops = r["drop_by_position"]["0"]
+    assert len(drops) == r["seq_len"] and any(v > 0 for v in drops if v == v)
+    assert r["domains"] == ["all"] and "no domain labels" in r["notes"][0]
+
+
+def test_bad_input(planted, tmp_path):
+    model_dir, data, _ = planted
+    with pytest.raises(ConfigError, match="--max-tokens"):
+        analyze(model_dir, tmp_path / "a", data=str(data), max_tokens=0, progress=False)
+    with pytest.raises(ConfigError, match="--layers"):
+        analyze(model_dir, tmp_path / "a", data=str(data), layers=[3], progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        analyze(model_dir, tmp_path / "a", data=str(empty), progress=False)
+    dense = build_model(ModelConfig(vocab_size=300, d_model=8, num_layers=1, attention=AttentionConfig(num_heads=2),
+                                    moe=None))
+    save_model(dense, tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
+    with pytest.raises(MoelabError, match="no MoE layers"):
+        analyze(tmp_path / "dense", tmp_path / "a", data=str(data), progress=False)
+    assert main(["analyze", str(tmp_path / "dense"), "--data", str(data), "--out", str(tmp_path / "b")]) == 2
+
+
+def test_analyze_an_hf_checkpoint_made_by_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from tests.parity.hf_models import build_hf_model
+
+    tok = train_tokenizer(TEXTS * 3, vocab_size=300)
+    hf = build_hf_model("mixtral", dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "domain": "x"}) + "\n" for t in TEXTS))
+    assert main(["analyze", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "an"),
+                 "--no-progress"]) == 0
+    r = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert r["layers"] == [0, 1] and set(r["weight_similarity"]["1"]) == {"gate", "up", "down"}
+    assert 0 <= r["router_top1_is_max_norm"]["0"] <= 1
+    assert transformers is not None and "report:" in capsys.readouterr().out
+
+
+def test_all_expert_outputs_equal_the_per_expert_loop():
+    from moelab.analysis.recorder import all_expert_outputs
+    from moelab.moe.layer import MoELayer
+    from tests.helpers import small_config
+
+    layer = MoELayer(small_config())
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(7, 32)
+    ref = torch.stack([layer.experts.expert(e, x) for e in range(4)], dim=1)
+    torch.testing.assert_close(all_expert_outputs(layer, x), ref, rtol=1e-5, atol=1e-5)
