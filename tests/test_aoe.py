@@ -69,6 +69,10 @@ def test_cached_activation_equals_recomputation_and_unselected_experts_do_no_wid
     for e in range(4):
         torch.testing.assert_close(layer.experts.expert(e, x, c_TEL[:, e]), layer.experts.expert(e, x),
                                    rtol=1e-5, atol=1e-6)
+    # the kernel path equals the per-expert loop, which lets us watch the calls
+    ref = layer(x[None])[0]
+    layer.experts.impl = "loop"
+    torch.testing.assert_close(layer(x[None])[0], ref, rtol=1e-5, atol=1e-6)
     # the layer never recomputes x W_down: the experts' calls all receive the cached rows
     calls = []
     original = layer.experts.expert

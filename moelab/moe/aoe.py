@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from moelab.layers.norm import activation_fn
+from moelab.moe.kernels import sorted_aoe_experts
 
 
 def expert_norms(c_TEL: torch.Tensor, norm: str) -> torch.Tensor:
@@ -48,6 +49,8 @@ class AoEExperts(nn.Module):
         self.wp_EWD = nn.Parameter(torch.empty(num_experts, d_wide, d_model))
         self.wo_EDW = nn.Parameter(torch.empty(num_experts, d_model, d_wide))
         self.act = activation_fn(activation)
+        self.activation = activation
+        self.impl = "sorted"  # the kernel of moelab.moe.kernels; "loop": plain autograd per expert
 
     def low_rank_all(self, x_TD: torch.Tensor) -> torch.Tensor:
         """C = x W_down for every expert in one matmul: (T, E, L)."""
@@ -64,6 +67,11 @@ class AoEExperts(nn.Module):
     def forward(self, x_AD: torch.Tensor, counts_E: list[int], low_AL: torch.Tensor | None = None) -> torch.Tensor:
         """Rows sorted by expert, ``counts_E[e]`` for expert e (as StackedExperts.forward); ``low_AL``
         holds each row's cached x W_down of its own expert (router-free AoE) or None (compute it)."""
+        if self.impl == "sorted":
+            if low_AL is None:  # router-based: x W_down for each row's own expert, with autograd
+                low_AL = torch.cat([x_AD[s:s + n] @ self.wdown_ELD[e].t() for e, (s, n) in
+                                    enumerate(zip(_starts(counts_E), counts_E))] or [x_AD.new_zeros(0, self.d_low)])
+            return sorted_aoe_experts(x_AD, low_AL, self.wup_EWL, self.wp_EWD, self.wo_EDW, counts_E, self.activation)
         outs, start = [], 0
         for e, n in enumerate(counts_E):
             if n:
@@ -78,6 +86,14 @@ class AoEExperts(nn.Module):
         per_expert = self.d_model * self.d_low + self.d_low * self.d_wide + 2 * self.d_model * self.d_wide
         extra = (self.num_experts - k) * self.d_model * self.d_low if scores_all else 0
         return k * per_expert + extra
+
+
+def _starts(counts_E: list[int]) -> list[int]:
+    out, s = [], 0
+    for n in counts_E:
+        out.append(s)
+        s += n
+    return out
 
 
 def reference_aoe(experts: AoEExperts, x_TD: torch.Tensor, top_k: int, norm: str = "l2") -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelab.layers.norm import activation_fn
+from moelab.moe.kernels import grouped_experts, has_grouped_mm, sorted_experts
 
 
 class StackedExperts(nn.Module):
@@ -22,22 +23,38 @@ class StackedExperts(nn.Module):
         self.up_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, d_model))
         self.down_EDF = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim))
         self.act = activation_fn(activation)
+        self.activation = activation
+        # "auto": torch._grouped_mm on CUDA, the sorted per-expert kernel elsewhere; "sorted",
+        # "grouped" or "loop" (plain autograd, the pre-kernel path) force one
+        self.impl = "auto"
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on any batch of rows."""
         h_NF = self.act(x_ND @ self.gate_EFD[e].t()) * (x_ND @ self.up_EFD[e].t())
         return h_NF @ self.down_EDF[e].t()
 
+    def _aligned(self, x_AD: torch.Tensor) -> bool:
+        """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
+        return all((n * x_AD.element_size()) % 16 == 0 for n in (self.d_model, self.ffn_dim))
+
     def forward(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Fast path: rows of ``x_AD`` are sorted by expert, ``counts_E[e]`` rows for expert e;
-        each expert runs once on its contiguous slice (experts with no rows are skipped)."""
-        out_AD = torch.empty_like(x_AD)
-        start = 0
-        for e, n in enumerate(counts_E):
+        each expert runs once on its contiguous slice (experts with no rows are skipped).
+        See :mod:`moelab.moe.kernels`."""
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if x_AD.is_cuda and has_grouped_mm() and self._aligned(x_AD) else "sorted"
+        if impl == "grouped":
+            counts = torch.tensor(counts_E, device=x_AD.device)
+            return grouped_experts(x_AD, self.gate_EFD, self.up_EFD, self.down_EDF, counts, self.activation)
+        if impl == "sorted":
+            return sorted_experts(x_AD, self.gate_EFD, self.up_EFD, self.down_EDF, counts_E, self.activation)
+        outs, start = [], 0
+        for e, n in enumerate(counts_E):  # "loop": plain autograd, per expert
             if n:
-                out_AD[start:start + n] = self.expert(e, x_AD[start:start + n])
+                outs.append(self.expert(e, x_AD[start:start + n]))
             start += n
-        return out_AD
+        return torch.cat(outs) if outs else x_AD.new_zeros(0, self.d_model)
 
 
 def reference_moe(experts: StackedExperts, x_TD: torch.Tensor, token_idx_A: torch.Tensor,
