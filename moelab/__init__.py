@@ -1,17 +1,35 @@
-"""moelab: Mixture-of-Experts language models in PyTorch."""
+"""moelab: Mixture-of-Experts language models in PyTorch.
 
-from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
-from moelab.errors import CheckpointError, ConfigError, MoelabError
-from moelab.interop.hf import export_hf
-from moelab.loading import load
-from moelab.model import ModelOutput, MoETransformer, build_model
-from moelab.params import count_params
-from moelab.presets import get_preset
+The public names below are imported on first use (PEP 562), so ``moelab --help`` and the command
+parsers start without importing torch; ``import moelab; moelab.build_model(...)`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AoEConfig", "AttentionConfig", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "MoEConfig",
-    "MoETransformer", "MoelabError", "RouterConfig", "build_model", "count_params", "export_hf", "get_preset",
-    "load", "load_config", "save_config",
-]
+_EXPORTS = {
+    "AoEConfig": "moelab.config", "AttentionConfig": "moelab.config", "ModelConfig": "moelab.config",
+    "MoEConfig": "moelab.config", "RouterConfig": "moelab.config", "load_config": "moelab.config",
+    "save_config": "moelab.config",
+    "CheckpointError": "moelab.errors", "ConfigError": "moelab.errors", "MoelabError": "moelab.errors",
+    "export_hf": "moelab.interop.hf", "load": "moelab.loading",
+    "ModelOutput": "moelab.model", "MoETransformer": "moelab.model", "build_model": "moelab.model",
+    "count_params": "moelab.params", "get_preset": "moelab.presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moelab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

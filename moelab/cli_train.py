@@ -61,7 +61,7 @@ def _base_config(args):
     from moelab.config import load_config
     from moelab.presets import get_preset
     from moelab.train import TrainConfig
-    from moelab.train.trainer import RUN_CONFIG
+    from moelab.train.config import RUN_CONFIG
 
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):

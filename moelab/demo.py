@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     from moelab.train import TrainConfig, train
 
     t0 = time.time()
+    phase = {"t": t0}
+
+    def took() -> str:
+        now = time.time()
+        dt, phase["t"] = now - phase["t"], now
+        return f"({dt:.0f} s)"
+
     print("[1/5] building the built-in corpus (cached after the first build)")
     corpus = load_corpus("builtin")
     for dom in corpus.domains:
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         chars = sum(len(d.text) for d in corpus.train if d.domain == dom)
         print(f"      {dom:<8} {n:>6} train documents, {chars / 1e6:.2f}M characters")
 
+    print(f"      {took()}")
     cfg = TrainConfig(steps=args.steps, eval_every=max(args.steps // 4, 1))
     count = count_params(cfg.model)
     run_dir = _fresh_dir(Path(args.out))
@@ -57,21 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg, run_dir)
     val = result.val["val_loss"]
     print(f"      validation loss {val:.3f} nats/token vs unigram entropy {result.unigram_entropy:.3f} nats/token "
-          f"({'learned: far below' if val < result.unigram_entropy - 0.5 else 'NOT clearly below'} the unigram baseline)")
+          f"({'learned: far below' if val < result.unigram_entropy - 0.5 else 'NOT clearly below'} the unigram baseline) "
+          f"{took()}")
 
     print("[3/5] sampling from the trained model")
     model, tok = load(run_dir), load_tokenizer(run_dir)
     for prompt in ("def ", "The ", "Solve "):
         text = generate(model, tok, prompt, max_new_tokens=40, temperature=0.7, top_k=40, seed=0)
         print(f"      {prompt!r} -> {(prompt + text)[:120]!r}")
+    print(f"      {took()}")
 
     print("[4/5] writing the report")
     paths = write_run_report(run_dir)
+    print(f"      {took()}")
     print("[5/5] analysing the routing: moelab analyze on 100k tokens of the built-in corpus")
     from moelab.analysis import analyze
 
     analysis = analyze(run_dir, run_dir / "analysis", data="builtin", max_tokens=100_000)
-    print(f"      analysed {analysis['tokens']:,} tokens in {analysis['seconds']:.0f} s")
+    print(f"      analysed {analysis['tokens']:,} tokens {took()}")
     print(f"done in {time.time() - t0:.0f} s. Report: {paths['md'].resolve()}")
     print(f"                          {paths['html'].resolve()}")
     print(f"                Analysis: {Path(analysis['report']).resolve()}")

@@ -18,6 +18,8 @@ from moelab.errors import ConfigError
 from moelab.fileio import write_atomic
 from moelab.presets import tiny
 
+RUN_CONFIG = "config.yaml"  # the resolved run config in a run directory
+
 # Fields that may change when a run is resumed: they do not change the computation of past steps.
 RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress")
 

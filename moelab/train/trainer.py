@@ -31,7 +31,7 @@ from moelab.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from moelab.train.config import RESUMABLE_FIELDS, TrainConfig, config_differences
+from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences
 from moelab.train.metrics import MetricsLog, load_stats
 
 METRICS = "metrics.jsonl"
@@ -39,7 +39,6 @@ METRICS = "metrics.jsonl"
 ROUTING_METRICS = ("dropped_frac", "experts_per_token_mean", "router_entropy", "load_entropy")
 # ... and these per layer too (the AoE paper's Fig. 3 diagnostics), under record["layers"].
 PER_LAYER_METRICS = ("router_entropy", "load_entropy")
-RUN_CONFIG = "config.yaml"
 
 
 def lr_lambda(cfg: TrainConfig):
