@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m moelab.demo
+
+# moelab against transformers and AoE against MoE, side by side; rewrites BENCHMARKS.md
+bench: setup
+	$(VENV)/bin/moelab bench all --markdown BENCHMARKS.md --out runs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

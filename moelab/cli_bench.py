@@ -5,35 +5,68 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+NAMES = ["moe-layer", "train", "generate", "aoe", "all"]
+
 
 def register(sub, formatter) -> None:
-    p = sub.add_parser("bench", help="side-by-side benchmarks (aoe)", formatter_class=formatter,
-                       description="Time models side by side in one process (interleaved repetitions) and report "
-                                   "ratios; absolute times on a shared CPU are not comparable between runs.",
-                       epilog="example:\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
-                              "  moelab bench aoe --d-low 64 --reps 11 --json")
-    p.add_argument("name", choices=["aoe"])
-    p.add_argument("--preset", default="tiny", help="the router-based MoE to compare against")
-    p.add_argument("--d-low", type=int, help="AoE d_low (default d_model / 4)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per model")
+    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, aoe, all)",
+                       formatter_class=formatter,
+                       description="Time moelab against transformers (or AoE against MoE) side by side in one "
+                                   "process, with identical weights and outputs checked equal first; report ratios. "
+                                   "`all` runs every benchmark and writes BENCHMARKS.md.",
+                       epilog="examples:\n  moelab bench moe-layer --shape fine-grained\n"
+                              "  moelab bench train --json\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
+                              "  moelab bench all --markdown BENCHMARKS.md   # what `make bench` runs")
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.compare")
+    p.add_argument("--quick", action="store_true", help="CI-sized shapes; only checks that outputs match")
+    p.add_argument("--preset", default="tiny", help="aoe: the router-based MoE to compare against")
+    p.add_argument("--d-low", type=int, help="aoe: d_low (default d_model / 4)")
+    p.add_argument("--batch-size", type=int, default=16, help="aoe: batch size")
+    p.add_argument("--seq-len", type=int, default=128, help="aoe: sequence length")
+    p.add_argument("--reps", type=int, help="interleaved repetitions per contender")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write result.json and report.md/.html here")
+    p.add_argument("--markdown", help="all: write the BENCHMARKS.md table here")
     p.add_argument("--json", action="store_true", help="print result.json to stdout")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    import torch
+
+    from moelab.bench import compare
     from moelab.bench.aoe import bench_aoe, write_bench
 
-    result = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, args.reps, args.seed, args.threads)
-    if args.out:
-        write_bench(result, Path(args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (1 if args.quick else 5)
+    shapes = args.shape or list(compare.SHAPES)
+    results = {}
+    if args.name in ("moe-layer", "all"):
+        results["moe_layer"] = [compare.bench_moe_layer(s, reps=reps, quick=args.quick, seed=args.seed) for s in shapes]
+    if args.name in ("train", "all"):
+        results["train"] = compare.bench_train(reps=reps, quick=args.quick, seed=args.seed)
+    if args.name in ("generate", "all"):
+        results["generate"] = compare.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed)
+    if args.name in ("aoe", "all"):
+        results["aoe"] = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, reps, args.seed)
+        if args.out and args.name == "aoe":
+            write_bench(results["aoe"], Path(args.out))
+    if args.out and args.name != "aoe":
+        from moelab.bench.markdown import write_results
+
+        write_results(results, Path(args.out))
+    if args.markdown:
+        from moelab.bench.markdown import benchmarks_markdown
+        from moelab.fileio import write_atomic
+
+        write_atomic(Path(args.markdown), benchmarks_markdown(results))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results, indent=1))
     else:
-        print(f"AoE (d_low {result['d_low']}) / MoE ({result['preset']}): tokens/s "
-              f"{result['aoe_tokens_per_s_ratio']:.3f}x, activation memory {result['aoe_activation_bytes_ratio']:.3f}x")
+        from moelab.bench.markdown import summary_lines
+
+        print("\n".join(summary_lines(results)))
     return 0

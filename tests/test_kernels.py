@@ -65,3 +65,29 @@ def test_bf16_sorted_path_matches_fp32():
     ref = _run(ex, x, tok, exp, w)
     out = _run(ex.to(torch.bfloat16), x.bfloat16(), tok, exp, w).float()
     torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("aoe", [False, True])
+def test_decode_path_equals_batch_path(aoe):
+    from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+    from moelab.moe import dispatch
+    from moelab.moe.layer import MoELayer
+
+    cfg = ModelConfig(vocab_size=16, d_model=16, num_layers=1, attention=AttentionConfig(num_heads=4),
+                      moe=MoEConfig(num_experts=6, expert_ffn_dim=12, num_shared_experts=1,
+                                    aoe=AoEConfig(d_low=4) if aoe else None, router=RouterConfig(top_k=2)))
+    torch.manual_seed(0)
+    layer = MoELayer(cfg).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    for T in (1, 3, 8):
+        x = torch.randn(1, T, 16)
+        with torch.no_grad():
+            fast = layer(x)[0]
+            old = dispatch.DECODE_MAX_ASSIGNMENTS
+            dispatch.DECODE_MAX_ASSIGNMENTS = -1
+            try:
+                batch = layer(x)[0]
+            finally:
+                dispatch.DECODE_MAX_ASSIGNMENTS = old
+        torch.testing.assert_close(fast, batch, rtol=1e-5, atol=1e-6)

@@ -81,9 +81,16 @@ def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: 
     return keep_A
 
 
+# At most this many assignments without autograd (decoding a few tokens): no sort, no kernel, each
+# chosen expert runs once on its rows.
+DECODE_MAX_ASSIGNMENTS = 16
+
+
 def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """sum over assignments (t, e, w) of w * expert_e(x_t), written into token t; tokens with no
     assignment get zeros (their output is the residual stream alone)."""
+    if routing.expert_idx_A.numel() <= DECODE_MAX_ASSIGNMENTS and not torch.is_grad_enabled():
+        return _decode_combine(experts, x_TD, routing)
     order_A = torch.argsort(routing.expert_idx_A, stable=True)  # group assignments by expert
     token_sorted_A = routing.token_idx_A[order_A]
     counts_E = torch.bincount(routing.expert_idx_A, minlength=experts.num_experts).tolist()
@@ -94,3 +101,17 @@ def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, r
     y_AD = y_AD * routing.weight_A[order_A].to(y_AD.dtype)[:, None]
     out_TD = torch.zeros_like(x_TD)
     return out_TD.index_add(0, token_sorted_A, y_AD)
+
+
+def _decode_combine(experts, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The few-token path: touches only the chosen experts' weights, one host sync for the indices."""
+    out_TD = torch.zeros_like(x_TD)
+    experts_A = routing.expert_idx_A.tolist()
+    cache = routing.expert_cache_TEL
+    for e in sorted(set(experts_A)):
+        rows_A = torch.tensor([a for a, x in enumerate(experts_A) if x == e], device=x_TD.device)
+        tok = routing.token_idx_A[rows_A]
+        args = (x_TD[tok],) if cache is None else (x_TD[tok], cache[tok, e])
+        y = experts.expert(e, *args) * routing.weight_A[rows_A].to(x_TD.dtype)[:, None]
+        out_TD.index_add_(0, tok, y)
+    return out_TD

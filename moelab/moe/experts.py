@@ -9,6 +9,7 @@ Shape legend: E experts, F expert FFN dim, D model dim, A assignments sorted by 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moelab.layers.norm import activation_fn
@@ -30,8 +31,8 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on any batch of rows."""
-        h_NF = self.act(x_ND @ self.gate_EFD[e].t()) * (x_ND @ self.up_EFD[e].t())
-        return h_NF @ self.down_EDF[e].t()
+        h_NF = self.act(F.linear(x_ND, self.gate_EFD[e])) * F.linear(x_ND, self.up_EFD[e])
+        return F.linear(h_NF, self.down_EDF[e])
 
     def _aligned(self, x_AD: torch.Tensor) -> bool:
         """torch._grouped_mm needs row strides that are multiples of 16 bytes."""

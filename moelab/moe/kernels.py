@@ -1,17 +1,17 @@
-"""Fast routed-expert computation: rows sorted by expert, one fused gate+up matmul per expert, and a
-hand-written backward.
+"""Fast routed-expert computation: rows sorted by expert, per-expert products written straight into
+their rows, and a hand-written backward.
 
 Why a custom autograd function: with plain autograd, writing each expert's output into a slice of a
 preallocated (A, D) buffer makes backward copy the whole (A, D) gradient once per expert
 (CopySlices), O(E * A * D) work that made E=64 top-8 ~6x slower than transformers; autograd also
 keeps four (A, F) tensors (gate, up, act(gate), product). Here forward saves only the sorted input
-x_AD and the fused pre-activations gu_A2F; backward recomputes act(gate) and the product from them
-and writes every gradient into its rows once.
+x_AD and the pre-activations g_AF, u_AF; backward recomputes act(g) and the product from them and
+writes every gradient into its rows once.
 
-Per expert e with rows x_e (n, D) and W_gu = [W_gate; W_up] (2F, D):
-  forward:  gu = x_e W_gu^T;  h = act(g) * u;  y = h W_down^T
+Per expert e with rows x_e (n, D):
+  forward:  g = x_e W_gate^T;  u = x_e W_up^T;  h = act(g) * u;  y = h W_down^T
   backward: dh = dy W_down;  dW_down = dy^T h;  dg = dh * u * act'(g);  du = dh * act(g)
-            dW_gu = [dg, du]^T x_e;  dx_e = [dg, du] W_gu
+            dW_gate = dg^T x_e;  dW_up = du^T x_e;  dx_e = dg W_gate + du W_up
 ``grouped_experts`` also runs ``torch._grouped_mm`` (one call for all experts; autograd by torch),
 used on CUDA where it is the fast path and available on CPU for testing.
 
@@ -55,48 +55,46 @@ class _SortedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_AD, gate_EFD, up_EFD, down_EDF, counts_E: list[int], act: str):
         E, Fd, D = gate_EFD.shape
-        w_gu = torch.cat([gate_EFD, up_EFD], dim=1)  # (E, 2F, D): one matmul per expert
         A = x_AD.shape[0]
-        gu_A2F = x_AD.new_empty(A, 2 * Fd)
+        # gate and up as two products into two buffers: fusing them needs a copy of all experts'
+        # weights per call, which costs more than it saves when an expert has few rows (decoding)
+        g_AF, u_AF = x_AD.new_empty(A, Fd), x_AD.new_empty(A, Fd)
         y_AD = x_AD.new_empty(A, D)
         start = 0
         for e, n in enumerate(counts_E):
             if n:
                 rows = slice(start, start + n)
-                torch.mm(x_AD[rows], w_gu[e].t(), out=gu_A2F[rows])
-                h = _act(act, gu_A2F[rows, :Fd]) * gu_A2F[rows, Fd:]
-                torch.mm(h, down_EDF[e].t(), out=y_AD[rows])
+                x = x_AD[rows]
+                torch.mm(x, gate_EFD[e].t(), out=g_AF[rows])
+                torch.mm(x, up_EFD[e].t(), out=u_AF[rows])
+                torch.mm(_act(act, g_AF[rows]) * u_AF[rows], down_EDF[e].t(), out=y_AD[rows])
             start += n
-        ctx.save_for_backward(x_AD, gu_A2F, gate_EFD, up_EFD, down_EDF)  # parameters, not the fused copy
+        ctx.save_for_backward(x_AD, g_AF, u_AF, gate_EFD, up_EFD, down_EDF)  # the parameters themselves
         ctx.counts, ctx.act = counts_E, act
         return y_AD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_AD):
-        x_AD, gu_A2F, gate_EFD, up_EFD, down_EDF = ctx.saved_tensors
-        E, Fd, D = gate_EFD.shape
+        x_AD, g_AF, u_AF, gate_EFD, up_EFD, down_EDF = ctx.saved_tensors
         dy_AD = dy_AD.contiguous()
         dx_AD = torch.empty_like(x_AD)
-        dw_gu = gate_EFD.new_zeros(E, 2 * Fd, D)
-        d_down = torch.zeros_like(down_EDF)
+        d_gate, d_up, d_down = torch.zeros_like(gate_EFD), torch.zeros_like(up_EFD), torch.zeros_like(down_EDF)
         start = 0
         for e, n in enumerate(ctx.counts):
             if n:
                 rows = slice(start, start + n)
-                g, u = gu_A2F[rows, :Fd], gu_A2F[rows, Fd:]
+                g, u, x, dy = g_AF[rows], u_AF[rows], x_AD[rows], dy_AD[rows]
                 a, da = act_and_grad(ctx.act, g)
-                dy = dy_AD[rows]
                 torch.mm(dy.t(), a * u, out=d_down[e])  # dW_down = dy^T h
                 dh = dy @ down_EDF[e]  # (n, F)
-                dgu = torch.cat([dh * u * da, dh * a], dim=1)  # (n, 2F)
-                torch.mm(dgu.t(), x_AD[rows], out=dw_gu[e])
-                torch.mm(dgu[:, :Fd], gate_EFD[e], out=dx_AD[rows])
-                dx_AD[rows].addmm_(dgu[:, Fd:], up_EFD[e])
+                dg, du = dh * u * da, dh * a
+                torch.mm(dg.t(), x, out=d_gate[e])
+                torch.mm(du.t(), x, out=d_up[e])
+                torch.mm(dg, gate_EFD[e], out=dx_AD[rows])
+                dx_AD[rows].addmm_(du, up_EFD[e])
             start += n
-        if start < x_AD.shape[0]:  # pragma: no cover - counts always cover every row
-            dx_AD[start:].zero_()
-        return dx_AD, dw_gu[:, :Fd], dw_gu[:, Fd:], d_down, None, None
+        return dx_AD, d_gate, d_up, d_down, None, None
 
 
 def sorted_experts(x_AD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,

@@ -54,7 +54,8 @@ class MoELayer(nn.Module):
         self.shared = GatedMLP(cfg.d_model, moe.shared_ffn_dim, cfg.activation) if moe.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if moe.shared_expert_gate else None
         self.last_counts_E: torch.Tensor | None = None
-        self.last_metrics: dict[str, float | torch.Tensor | None] = {}
+        self._pending: tuple | None = None
+        self._metrics: dict | None = None
         self.record_stats = True
         self.register_buffer("load_accum_E", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
 
@@ -118,13 +119,29 @@ class MoELayer(nn.Module):
         self.last_counts_E = counts_E
         if self.training:
             self.load_accum_E += counts_E
-        per_token_T = routing.experts_per_token().float()
-        kept_per_token_T = kept.experts_per_token()
-        pos_A = routing.token_idx_A % seq_len
+        # The rest is computed when first read (one device sync then), so decoding and evaluation
+        # that never look at the metrics pay only for the counts.
+        self._pending = (routing.token_idx_A, kept.token_idx_A, routing.kept_A, routing.probs_TE.detach(), counts_E,
+                         routing.num_tokens, seq_len, capacity)
+        self._metrics = None
+
+    @property
+    def last_metrics(self) -> dict:
+        """The metrics of the last recorded forward (see :meth:`_record`); {} before any."""
+        if self._metrics is None:
+            self._metrics = {} if self._pending is None else self._compute_metrics(*self._pending)
+        return self._metrics
+
+    @staticmethod
+    @torch.no_grad()
+    def _compute_metrics(token_A, kept_token_A, kept_A, probs_TE, counts_E, T, seq_len, capacity) -> dict:
+        per_token_T = torch.bincount(token_A, minlength=T).float()
+        kept_per_token_T = torch.bincount(kept_token_A, minlength=T)
+        pos_A = token_A % seq_len
         routed_pos = torch.bincount(pos_A, minlength=seq_len).float()
-        dropped_A = torch.zeros_like(pos_A, dtype=torch.bool) if routing.kept_A is None else ~routing.kept_A
+        dropped_A = torch.zeros_like(pos_A, dtype=torch.bool) if kept_A is None else ~kept_A
         dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()
-        p = routing.probs_TE.float()
+        p = probs_TE.float()
         f_E = counts_E.float() / counts_E.sum().clamp_min(1)
         scalars = torch.stack([  # one device sync for all of them
             dropped_A.float().mean() if dropped_A.numel() else p.new_zeros(()),
@@ -135,7 +152,7 @@ class MoELayer(nn.Module):
         ]).tolist()
         names = ("dropped_frac", "experts_per_token_mean", "experts_per_token_min", "experts_per_token_max",
                  "no_expert_token_frac", "router_entropy", "load_entropy")
-        self.last_metrics = {
+        return {
             "tokens_per_expert": counts_E,
             **load_balance_metrics(counts_E),
             **dict(zip(names, scalars)),
