@@ -12,6 +12,7 @@ from moelab.bench.markdown import benchmarks_markdown  # noqa: E402
 from moelab.cli import main  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["tiny-train", "fine-grained", "decode1"])
 def test_moe_layer_contenders_match(shape):
     r = compare.bench_moe_layer(shape, reps=1, quick=True)
