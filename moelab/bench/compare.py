@@ -209,13 +209,13 @@ def bench_train(reps: int = 5, quick: bool = False, seed: int = 0) -> dict:
             if not match:
                 raise AssertionError(f"{name}: moelab and transformers logits differ before timing")
 
-            def step(m, hf_model):
+            def step(m):
                 def run():
                     m.zero_grad(set_to_none=True)
                     (m(ids, labels=ids).loss).backward()
                 return run
 
-            t = _time({"moelab": step(ours, False), "transformers": step(hf, True)}, reps)
+            t = _time({"moelab": step(ours), "transformers": step(hf)}, reps)
             from moelab.bench.sidebyside import saved_activation_bytes
 
             mem = {"moelab": saved_activation_bytes(ours, ids, ids), "transformers": _hf_saved_bytes(hf, ids)}
