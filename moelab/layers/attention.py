@@ -20,18 +20,37 @@ from moelab.layers.rope import apply_rope
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer, after RoPE, as (B, G, S, Dh)."""
+    """Keys and values of one attention layer, after RoPE, as (B, G, S, Dh), in buffers that grow by
+    doubling: appending a step writes into the buffer instead of copying the whole cache (a
+    ``torch.cat`` per step is O(S) copying per token, O(S^2) per generation)."""
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.length]
 
     def update(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k_BGTD, v_BGTD
-        else:
-            self.k = torch.cat([self.k, k_BGTD], dim=2)
-            self.v = torch.cat([self.v, v_BGTD], dim=2)
+        T = k_BGTD.shape[2]
+        end = self.length + T
+        if self._k is None or end > self._k.shape[2] or self._k.shape[0] != k_BGTD.shape[0]:
+            cap = max(end, 2 * (0 if self._k is None else self._k.shape[2]), 64)
+            k_buf = k_BGTD.new_empty(*k_BGTD.shape[:2], cap, k_BGTD.shape[3])
+            v_buf = v_BGTD.new_empty(*v_BGTD.shape[:2], cap, v_BGTD.shape[3])
+            if self.length:
+                k_buf[:, :, :self.length] = self._k[:, :, :self.length]
+                v_buf[:, :, :self.length] = self._v[:, :, :self.length]
+            self._k, self._v = k_buf, v_buf
+        self._k[:, :, self.length:end] = k_BGTD
+        self._v[:, :, self.length:end] = v_BGTD
+        self.length = end
         return self.k, self.v
 
 
@@ -43,8 +62,7 @@ class KVCache:
 
     @property
     def seq_len(self) -> int:
-        k = self.layers[0].k
-        return 0 if k is None else k.shape[2]
+        return self.layers[0].length
 
 
 def causal_mask(q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, window: int | None) -> torch.Tensor:
