@@ -214,3 +214,23 @@ def test_all_expert_outputs_equal_the_per_expert_loop():
     x = torch.randn(7, 32)
     ref = torch.stack([layer.experts.expert(e, x) for e in range(4)], dim=1)
     torch.testing.assert_close(all_expert_outputs(layer, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_over_training_compares_every_checkpoint_with_the_final(tmp_path):
+    from moelab.analysis.training import routing_over_training
+    from moelab.train import TrainConfig, train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(TEXTS * 6))
+    model = ModelConfig(vocab_size=300, d_model=16, num_layers=2, max_seq_len=32, dense_ffn_dim=32,
+                        attention=AttentionConfig(num_heads=2),
+                        moe=MoEConfig(num_experts=4, expert_ffn_dim=16, router=RouterConfig(top_k=2)))
+    cfg = TrainConfig(model=model, data=str(corpus), steps=6, batch_size=2, seq_len=16, warmup_steps=1,
+                      eval_every=0, eval_batches=1, save_every=2, keep_last=3, progress=False)
+    train(cfg, tmp_path / "run")
+    r = analyze(tmp_path / "run", tmp_path / "an", data=str(corpus), expert_outputs=False, progress=False)
+    t = r["routing_over_training"]
+    assert t["steps"] == [2, 4, 6]
+    for layer, agree in t["agreement"].items():
+        assert len(agree) == 3 and agree[-1] == 1.0 and all(0.0 <= a <= 1.0 for a in agree)
+    assert routing_over_training(tmp_path / "an", [], 2, [0]) is None  # not a run directory
