@@ -30,7 +30,7 @@ demo: setup
 
 # moelab against transformers and AoE against MoE, side by side; rewrites BENCHMARKS.md
 bench: setup
-	$(VENV)/bin/moelab bench all --markdown BENCHMARKS.md --out runs/bench
+	$(VENV)/bin/moelab bench all --compile --markdown BENCHMARKS.md --out runs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

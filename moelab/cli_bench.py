@@ -25,6 +25,8 @@ def register(sub, formatter) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="aoe: batch size")
     p.add_argument("--seq-len", type=int, default=128, help="aoe: sequence length")
     p.add_argument("--reps", type=int, help="interleaved repetitions per contender")
+    p.add_argument("--compile", action="store_true",
+                   help="generate: add moelab with torch.compile'd blocks (compiling takes about a minute)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write result.json and report.md/.html here")
@@ -49,7 +51,8 @@ def cmd_bench(args) -> int:
     if args.name in ("train", "all"):
         results["train"] = compare.bench_train(reps=reps, quick=args.quick, seed=args.seed)
     if args.name in ("generate", "all"):
-        results["generate"] = compare.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed)
+        results["generate"] = compare.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed,
+                                                    compiled=args.compile)
     if args.name in ("aoe", "all"):
         results["aoe"] = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, reps, args.seed)
         if args.out and args.name == "aoe":

@@ -37,24 +37,28 @@ def generate_ids(model: MoETransformer, input_ids: torch.Tensor, max_new_tokens:
     """Append up to ``max_new_tokens`` tokens to ``input_ids`` (B, T); stops early when all rows hit eos."""
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    limit = model.config.max_seq_len
-    ids = input_ids
+    B, T0 = input_ids.shape
+    steps = max(0, min(max_new_tokens, model.config.max_seq_len - T0))
+    # the output preallocated: a step writes one column (no torch.cat of the whole sequence per
+    # token); the only host syncs of a step are the ones sampling needs and, with eos, one check
+    out = input_ids.new_empty(B, T0 + steps)
+    out[:, :T0] = input_ids
     cache = model.new_cache() if use_cache else None
-    next_input = ids
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        if ids.shape[1] >= limit:
-            break
-        logits = model(next_input if use_cache else ids, cache=cache).logits[:, -1]
+    next_input = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    n = T0
+    for _ in range(steps):
+        logits = model(next_input if use_cache else out[:, :n], cache=cache).logits[:, -1]
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        next_input = token[:, None]
+        out[:, n] = token
+        n += 1
+        next_input = out[:, n - 1:n]
         if eos_id is not None and bool(finished.all()):
             break
-    return ids
+    return out[:, :n]
 
 
 def generate(model: MoETransformer, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,

@@ -95,6 +95,20 @@ class MoETransformer(nn.Module):
         for layer in self.moe_layers():
             layer.reset_extra_parameters()  # e.g. Shazeer's W_noise starts at zero
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every block in place (regional compilation: one block's code, compiled
+        once and reused by the other blocks of the same shape; keyword arguments go to
+        ``torch.compile``, e.g. ``backend``, ``mode``, ``dynamic``).
+
+        Why blocks and not the whole model: a graph break inside the loop over blocks makes dynamo
+        give up on the whole loop. The graph breaks that remain, by design (docs/performance.md):
+        the MoE dispatch reads the per-expert row counts on the host (one ``.tolist()`` per MoE layer
+        and forward; on CUDA the grouped-matmul path has none) and AoE's expert loop. Decoding a few
+        tokens takes a gathered-weights batched matmul under compile, which has static shapes, so a
+        compiled decode step does not recompile when other experts are chosen."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 

@@ -241,7 +241,11 @@ def _hf_saved_bytes(hf, ids) -> int:
     return saved_activation_bytes(_Wrap(hf), ids, ids)
 
 
-def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens: int | None = None) -> dict:
+def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens: int | None = None,
+                   compiled: bool = False) -> dict:
+    """Greedy tokens/s at batch 1 and 8, moelab vs transformers' ``generate`` on the same weights;
+    ``compiled`` adds moelab with ``compile_blocks()`` (compile time excluded: it is paid in the
+    check run before timing)."""
     import tempfile
 
     import moelab
@@ -252,6 +256,10 @@ def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens
         d, layers = (64, 2) if quick else (256, 4)
         hf = _tiny_mixtral(tmp, d, layers, 8, 2, seed=seed).eval()
         ours = moelab.load(tmp).eval()
+        fast = None
+        if compiled:
+            fast = moelab.load(tmp).eval()
+            fast.compile_blocks(dynamic=True)
     rows = {}
     for batch in (1, 8):
         ids = torch.randint(1, 2048, (batch, 16), generator=torch.Generator().manual_seed(seed + batch))
@@ -264,12 +272,18 @@ def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-        a, b = run_ours(), run_hf()
-        same = bool(torch.equal(a, b))
-        if not same:
-            raise AssertionError(f"batch {batch}: greedy tokens differ between moelab and transformers")
-        t = _time({"moelab": run_ours, "transformers": run_hf}, reps)
-        rows[str(batch)] = {"tokens_equal": same, "timing": t,
-                            "tokens_per_s": {n: batch * new_tokens / v["median_s"] for n, v in t.items()},
+        contenders = {"moelab": run_ours, "transformers": run_hf}
+        if fast is not None:
+            contenders["moelab-compiled"] = lambda: generate_ids(fast, ids, new_tokens, temperature=0.0, use_cache=True)
+        ref = run_hf()
+        for name, fn in contenders.items():
+            if not torch.equal(fn(), ref):
+                raise AssertionError(f"batch {batch}: greedy tokens differ between {name} and transformers")
+        t = _time(contenders, reps)
+        tps = {n: batch * new_tokens / v["median_s"] for n, v in t.items()}
+        rows[str(batch)] = {"tokens_equal": True, "timing": t, "tokens_per_s": tps,
                             "speedup": t["transformers"]["median_s"] / t["moelab"]["median_s"]}
-    return {"benchmark": "generate", "quick": quick, "new_tokens": new_tokens, "batches": rows, "machine": machine()}
+        if fast is not None:
+            rows[str(batch)]["speedup_compiled"] = t["transformers"]["median_s"] / t["moelab-compiled"]["median_s"]
+    return {"benchmark": "generate", "quick": quick, "new_tokens": new_tokens, "compiled": compiled,
+            "batches": rows, "machine": machine()}

@@ -64,6 +64,11 @@ class AoEExperts(nn.Module):
         h_NW = self.act(c_NL @ self.wup_EWL[e].t()) * (x_ND @ self.wp_EWD[e].t())
         return h_NW @ self.wo_EDW[e].t()
 
+    def wants_count_tensor(self, x_AD: torch.Tensor) -> bool:
+        """The AoE kernel loops over experts in Python: it takes the counts as a list (under
+        torch.compile, a graph break here)."""
+        return False
+
     def forward(self, x_AD: torch.Tensor, counts_E: list[int], low_AL: torch.Tensor | None = None) -> torch.Tensor:
         """Rows sorted by expert, ``counts_E[e]`` for expert e (as StackedExperts.forward); ``low_AL``
         holds each row's cached x W_down of its own expert (router-free AoE) or None (compute it)."""

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from moelab.config import RouterConfig
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, count_ids
 
 
 def expert_counts(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens routed to each expert, counting every one of a token's K slots: (E,) float."""
-    return torch.bincount(expert_idx_A, minlength=num_experts).float()
+    return count_ids(expert_idx_A, num_experts).float()
 
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, ex
     s = scores_TE.float()
     P_BE = (s / s.sum(dim=-1, keepdim=True)).view(B, seq_len, E).mean(dim=1)
     seq_expert_A = (token_idx_A // seq_len) * E + expert_idx_A
-    counts_BE = torch.bincount(seq_expert_A, minlength=B * E).view(B, E).float()
+    counts_BE = count_ids(seq_expert_A, B * E).view(B, E).float()
     f_BE = counts_BE * (E / (top_k * seq_len))
     return (f_BE.detach() * P_BE).sum(dim=-1).mean()
 

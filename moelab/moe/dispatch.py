@@ -29,7 +29,7 @@ import torch
 
 from moelab.moe.aoe import AoEExperts
 from moelab.moe.experts import StackedExperts
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, count_ids
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -47,7 +47,7 @@ def choice_rank(routing: Routing) -> torch.Tensor:
     A = routing.token_idx_A.numel()
     perm = torch.arange(A, device=routing.token_idx_A.device)
     perm = _stable_sort_by(perm, routing.token_idx_A)
-    counts_T = torch.bincount(routing.token_idx_A, minlength=routing.num_tokens)
+    counts_T = count_ids(routing.token_idx_A, routing.num_tokens)
     start_T = counts_T.cumsum(0) - counts_T
     rank_A = torch.empty_like(perm)
     rank_A[perm] = torch.arange(A, device=perm.device) - start_T[routing.token_idx_A[perm]]
@@ -73,7 +73,7 @@ def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: 
     else:
         raise ValueError(f"unknown drop priority {priority!r}")
     perm = _stable_sort_by(perm, expert_A)  # grouped by expert, in priority order within
-    counts_E = torch.bincount(expert_A, minlength=routing.num_experts)
+    counts_E = count_ids(expert_A, routing.num_experts)
     start_E = counts_E.cumsum(0) - counts_E
     slot_sorted = torch.arange(A, device=perm.device) - start_E[expert_A[perm]]
     keep_A = torch.empty(A, dtype=torch.bool, device=perm.device)
@@ -90,13 +90,17 @@ def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, r
     """sum over assignments (t, e, w) of w * expert_e(x_t), written into token t; tokens with no
     assignment get zeros (their output is the residual stream alone)."""
     if routing.expert_idx_A.numel() <= DECODE_MAX_ASSIGNMENTS and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() and isinstance(experts, StackedExperts):
+            return _gathered_combine(experts, x_TD, routing)
         return _decode_combine(experts, x_TD, routing)
     order_A = torch.argsort(routing.expert_idx_A, stable=True)  # group assignments by expert
     token_sorted_A = routing.token_idx_A[order_A]
-    counts_E = torch.bincount(routing.expert_idx_A, minlength=experts.num_experts).tolist()
     extra = {}
     if routing.expert_cache_TEL is not None:  # AoE: each row's cached x W_down of its own expert
         extra["low_AL"] = routing.expert_cache_TEL[token_sorted_A, routing.expert_idx_A[order_A]]
+    counts_E = count_ids(routing.expert_idx_A, experts.num_experts)
+    if not experts.wants_count_tensor(x_TD):
+        counts_E = counts_E.tolist()  # the one host sync of a forward: the per-expert row counts
     y_AD = experts(x_TD[token_sorted_A], counts_E, **extra)  # (A, D)
     y_AD = y_AD * routing.weight_A[order_A].to(y_AD.dtype)[:, None]
     out_TD = torch.zeros_like(x_TD)
@@ -115,3 +119,16 @@ def _decode_combine(experts, x_TD: torch.Tensor, routing: Routing) -> torch.Tens
         y = experts.expert(e, *args) * routing.weight_A[rows_A].to(x_TD.dtype)[:, None]
         out_TD.index_add_(0, tok, y)
     return out_TD
+
+
+def _gathered_combine(experts: StackedExperts, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The few-token path under torch.compile: each assignment's expert weights gathered into a
+    batched matmul. Static shapes and no host sync, so a compiled decode step is one graph that does
+    not recompile for every new set of chosen experts (the eager path's Python loop over them would)."""
+    e_A, tok_A = routing.expert_idx_A, routing.token_idx_A
+    x_AD1 = x_TD[tok_A][:, :, None]  # (A, D, 1)
+    g_AF = torch.bmm(experts.gate_EFD[e_A], x_AD1).squeeze(-1)
+    u_AF = torch.bmm(experts.up_EFD[e_A], x_AD1).squeeze(-1)
+    y_AD = torch.bmm(experts.down_EDF[e_A], (experts.act(g_AF) * u_AF)[:, :, None]).squeeze(-1)
+    y_AD = y_AD * routing.weight_A.to(y_AD.dtype)[:, None]
+    return torch.zeros_like(x_TD).index_add(0, tok_A, y_AD)

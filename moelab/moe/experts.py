@@ -38,15 +38,27 @@ class StackedExperts(nn.Module):
         """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
         return all((n * x_AD.element_size()) % 16 == 0 for n in (self.d_model, self.ffn_dim))
 
-    def forward(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    def resolve_impl(self, x_AD: torch.Tensor) -> str:
+        """The implementation ``forward`` runs for these rows. "auto" takes ``torch._grouped_mm`` on
+        CUDA (one call, no host sync, no graph break under torch.compile) and the sorted per-expert
+        kernel elsewhere (``_grouped_mm`` on CPU is slower, and its compile-time shape check accepts
+        only bf16)."""
+        if self.impl != "auto":
+            return self.impl
+        grouped = has_grouped_mm() and self._aligned(x_AD) and x_AD.is_cuda
+        return "grouped" if grouped else "sorted"
+
+    def wants_count_tensor(self, x_AD: torch.Tensor) -> bool:
+        """True when ``forward`` takes the per-expert counts as a device tensor instead of a list."""
+        return self.resolve_impl(x_AD) == "grouped"
+
+    def forward(self, x_AD: torch.Tensor, counts_E: list[int] | torch.Tensor) -> torch.Tensor:
         """Fast path: rows of ``x_AD`` are sorted by expert, ``counts_E[e]`` rows for expert e;
         each expert runs once on its contiguous slice (experts with no rows are skipped).
         See :mod:`moelab.moe.kernels`."""
-        impl = self.impl
-        if impl == "auto":
-            impl = "grouped" if x_AD.is_cuda and has_grouped_mm() and self._aligned(x_AD) else "sorted"
+        impl = self.resolve_impl(x_AD)
         if impl == "grouped":
-            counts = torch.tensor(counts_E, device=x_AD.device)
+            counts = counts_E if torch.is_tensor(counts_E) else torch.tensor(counts_E, device=x_AD.device)
             return grouped_experts(x_AD, self.gate_EFD, self.up_EFD, self.down_EDF, counts, self.activation)
         if impl == "sorted":
             return sorted_experts(x_AD, self.gate_EFD, self.up_EFD, self.down_EDF, counts_E, self.activation)

@@ -19,6 +19,15 @@ from torch import nn
 from moelab.config import RouterConfig
 
 
+def count_ids(idx_N: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) long: how often each of 0..n-1 occurs in ``idx_N``. ``torch.bincount`` in eager mode; under
+    torch.compile a scatter-add, whose output shape is static (bincount's depends on the data, a graph
+    break)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(n, dtype=torch.long, device=idx_N.device).index_add_(0, idx_N, torch.ones_like(idx_N))
+    return torch.bincount(idx_N, minlength=n)
+
+
 @dataclass
 class Routing:
     token_idx_A: torch.Tensor  # long, which token each assignment belongs to
@@ -50,11 +59,11 @@ class Routing:
 
     def expert_counts(self) -> torch.Tensor:
         """(E,) number of assignments per expert."""
-        return torch.bincount(self.expert_idx_A, minlength=self.num_experts)
+        return count_ids(self.expert_idx_A, self.num_experts)
 
     def experts_per_token(self) -> torch.Tensor:
         """(T,) number of experts each token was routed to (0..E for expert choice)."""
-        return torch.bincount(self.token_idx_A, minlength=self.num_tokens)
+        return count_ids(self.token_idx_A, self.num_tokens)
 
     def select(self, mask_A: torch.Tensor) -> Routing:
         """The routing with only the assignments where ``mask_A`` is true (same order), no losses."""

@@ -199,6 +199,8 @@ class Trainer:
             self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)  # new total steps may extend the schedule
             restore_rng(state)
             self.step, self.position = meta["step"], DataPosition(meta["epoch"], meta["index"])
+        if cfg.compile:
+            self.model.compile_blocks()
 
     # ---- loop --------------------------------------------------------------------------------------
     def train_step(self, batches: Batches) -> dict:
