@@ -55,7 +55,7 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 QK_NORM_TYPES = ("none", "per_head", "full")
 SOFTMAX_ORDERS = ("topk_then_softmax", "softmax_then_topk")
-ROPE_TYPES = ("default", "longrope")
+ROPE_TYPES = ("default", "longrope", "yarn")
 AOE_NORMS = ("l2", "l1", "linf")
 # Selection rules AoE can run on its norm scores (AoE paper Alg. 2 top-k; Table 3 top-p, expert choice).
 AOE_SELECTIONS = ("topk", "top_p", "expert_choice")
@@ -395,8 +395,88 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 §2.1, V3 eqs. 1-11): queries through an optional
+    low-rank latent, keys and values through one joint latent c_KV (kv_lora_rank) that is all the KV
+    cache keeps, plus one decoupled RoPE key (qk_rope_head_dim) shared by every head."""
+
+    kv_lora_rank: int = 512  # d_c
+    q_lora_rank: int | None = 1536  # d'_c; None: a full-rank query projection (DeepSeek-V2-Lite)
+    qk_nope_head_dim: int = 128  # d_h, the per-head query/key part without position
+    qk_rope_head_dim: int = 64  # d_h^R, the decoupled RoPE part of each query and the shared key
+    v_head_dim: int = 128
+    # the released checkpoints store each RoPE part as interleaved (even, odd) pairs (HF
+    # rope_interleave, always on for DeepSeek-V2); False: the half-split layout of Llama
+    rope_interleave: bool = True
+    latent_norm_eps: float = 1e-6  # the RMSNorms on c_Q and c_KV (HF builds them with the default eps)
+
+    def __post_init__(self) -> None:
+        _positive("attention.mla.kv_lora_rank", self.kv_lora_rank)
+        if self.q_lora_rank is not None:
+            _positive("attention.mla.q_lora_rank", self.q_lora_rank)
+        _positive("attention.mla.qk_nope_head_dim", self.qk_nope_head_dim, allow_zero=True)
+        _positive("attention.mla.qk_rope_head_dim", self.qk_rope_head_dim)
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError("attention.mla.qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
+        _positive("attention.mla.v_head_dim", self.v_head_dim)
+        _positive("attention.mla.latent_norm_eps", self.latent_norm_eps)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
+class YaRNConfig:
+    """YaRN RoPE scaling (Peng et al. 2023) as transformers' ``_compute_yarn_parameters`` computes it:
+    frequencies blended between interpolated (/factor) and original by a linear ramp over the
+    dimensions whose wavelength lies between beta_fast and beta_slow rotations of the original
+    context; cos and sin multiplied by the attention factor. MLA also multiplies its softmax scale by
+    mscale(factor, mscale_all_dim)^2 (DeepSeek's rule)."""
+
+    factor: float = 40.0
+    original_max_len: int = 4096  # HF original_max_position_embeddings
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # None: mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    truncate: bool = True  # round the ramp's ends to whole dimensions (HF default)
+
+    def __post_init__(self) -> None:
+        _positive("attention.yarn.factor", self.factor)
+        _positive("attention.yarn.original_max_len", self.original_max_len)
+        for name in ("beta_fast", "beta_slow"):
+            _positive(f"attention.yarn.{name}", getattr(self, name))
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"attention.yarn.{name}", getattr(self, name), "must be >= 0")
+        if self.attention_factor is not None:
+            _positive("attention.yarn.attention_factor", self.attention_factor)
+
+    @staticmethod
+    def mscale_of(scale: float, m: float = 1.0) -> float:
+        """YaRN's 0.1 m ln(s) + 1 (1 for s <= 1)."""
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def cos_sin_factor(self) -> float:
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.mscale_of(self.factor, self.mscale) / self.mscale_of(self.factor, self.mscale_all_dim)
+        return self.mscale_of(self.factor)
+
+    def softmax_factor(self) -> float:
+        """Multiplier of MLA's softmax scale: mscale(factor, mscale_all_dim)^2, 1 when mscale_all_dim is 0."""
+        if not self.mscale_all_dim:
+            return 1.0
+        return self.mscale_of(self.factor, self.mscale_all_dim) ** 2
+
+
+@dataclass
 class AttentionConfig:
-    """Causal self-attention: MHA (kv_heads == heads), GQA, MQA (kv_heads == 1), sliding window."""
+    """Causal self-attention: MHA (kv_heads == heads), GQA, MQA (kv_heads == 1), sliding window, or
+    multi-head latent attention (``mla``)."""
 
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: same as num_heads (MHA)
@@ -419,8 +499,14 @@ class AttentionConfig:
     rope_short_mscale: float | None = None
     rope_long_mscale: float | None = None
     rope_original_max_len: int | None = None  # the pretraining context (HF original_max_position_embeddings)
+    yarn: YaRNConfig | None = None  # rope_type "yarn" only
+    mla: MLAConfig | None = None  # multi-head latent attention instead of MHA/GQA
 
     def __post_init__(self) -> None:
+        if isinstance(self.yarn, dict):
+            self.yarn = _from_dict(YaRNConfig, self.yarn, "attention.yarn")
+        if isinstance(self.mla, dict):
+            self.mla = _from_dict(MLAConfig, self.mla, "attention.mla")
         _positive("attention.num_heads", self.num_heads)
         if self.num_kv_heads is not None:
             _positive("attention.num_kv_heads", self.num_kv_heads)
@@ -442,9 +528,24 @@ class AttentionConfig:
         if self.logit_softcap is not None:
             _positive("attention.logit_softcap", self.logit_softcap)
         self._validate_rope_scaling()
+        if self.mla is not None:
+            self._validate_mla()
+
+    def _validate_mla(self) -> None:
+        if self.num_kv_heads not in (None, self.num_heads):
+            raise ConfigError("attention.num_kv_heads", self.num_kv_heads,
+                              "MLA has one key and value per head (leave num_kv_heads unset with attention.mla)")
+        for name, off in (("head_dim", None), ("sliding_window", None), ("clip_qkv", None), ("logit_softcap", None),
+                          ("qk_norm", "none")):
+            if getattr(self, name) != off:
+                raise ConfigError(f"attention.{name}", getattr(self, name),
+                                  "is not used by multi-head latent attention; remove it or remove attention.mla")
 
     def _validate_rope_scaling(self) -> None:
         _choice("attention.rope_type", self.rope_type, ROPE_TYPES)
+        if (self.rope_type == "yarn") != (self.yarn is not None):
+            raise ConfigError("attention.yarn", self.yarn,
+                              "set attention.yarn exactly when attention.rope_type is 'yarn'")
         for name in ("rope_short_factor", "rope_long_factor"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or any(
@@ -456,7 +557,7 @@ class AttentionConfig:
                 _positive(f"attention.{name}", getattr(self, name))
         longrope_fields = ("rope_short_factor", "rope_long_factor", "rope_short_mscale", "rope_long_mscale",
                            "rope_original_max_len")
-        if self.rope_type == "default":
+        if self.rope_type in ("default", "yarn"):
             for name in longrope_fields:
                 if getattr(self, name) not in (None, ()):
                     raise ConfigError(f"attention.{name}", getattr(self, name),
@@ -473,6 +574,34 @@ class AttentionConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3 §2.2, eqs. 21-25): D sequential modules; module k combines
+    the previous depth's hidden state at position i with the embedding of token i+k through its own
+    projection and transformer block and predicts token i+k+1 with the shared output head.
+    L_MTP = (lambda / D) sum_k L_k, added to the LM loss."""
+
+    num_modules: int = 1  # D (DeepSeek-V3: 1)
+    loss_weight: float = 0.3  # lambda (DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens ...)
+    final_loss_weight: float | None = None  # ... then 0.1; None keeps loss_weight throughout
+    switch_fraction: float = 0.68  # share of the training steps after which final_loss_weight applies
+
+    def __post_init__(self) -> None:
+        _positive("mtp.num_modules", self.num_modules)
+        if self.loss_weight < 0:
+            raise ConfigError("mtp.loss_weight", self.loss_weight, "must be >= 0")
+        if self.final_loss_weight is not None and self.final_loss_weight < 0:
+            raise ConfigError("mtp.final_loss_weight", self.final_loss_weight, "must be >= 0")
+        if not 0 <= self.switch_fraction <= 1:
+            raise ConfigError("mtp.switch_fraction", self.switch_fraction, "must be in [0, 1]")
+
+    def weight_at(self, step: int, total_steps: int) -> float:
+        """lambda for optimizer step ``step`` (0-based) of ``total_steps``."""
+        if self.final_loss_weight is None or step < self.switch_fraction * total_steps:
+            return self.loss_weight
+        return self.final_loss_weight
 
 
 @dataclass
@@ -498,31 +627,34 @@ class ModelConfig:
     activation_checkpointing: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig | None = field(default_factory=MoEConfig)
+    mtp: MTPConfig | None = None  # DeepSeek-V3 multi-token prediction modules (training; drafts for decoding)
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):
             self.attention = _from_dict(AttentionConfig, self.attention, "attention")
         if isinstance(self.moe, dict):
             self.moe = _from_dict(MoEConfig, self.moe, "moe")
+        if isinstance(self.mtp, dict):
+            self.mtp = _from_dict(MTPConfig, self.mtp, "mtp")
         for name in ("vocab_size", "d_model", "num_layers", "max_seq_len", "dense_ffn_dim"):
             _positive(name, getattr(self, name))
         _choice("norm", self.norm, NORM_TYPES)
         _positive("norm_eps", self.norm_eps)
         _choice("activation", self.activation, ACTIVATIONS)
         _positive("init_std", self.init_std)
-        if self.attention.head_dim is None and self.d_model % self.attention.num_heads:
+        if self.attention.mla is None and self.attention.head_dim is None and self.d_model % self.attention.num_heads:
             raise ConfigError(
                 "attention.num_heads", self.attention.num_heads,
                 f"must divide d_model={self.d_model}, or set attention.head_dim explicitly",
             )
-        if self.head_dim % 2:
+        if self.attention.mla is None and self.head_dim % 2:
             raise ConfigError("attention.head_dim", self.head_dim, "d_model / num_heads must be even for RoPE")
         if self.attention.rope_type == "longrope":
             for name in ("rope_short_factor", "rope_long_factor"):
                 n = len(getattr(self.attention, name))
-                if n != self.head_dim // 2:
+                if n != self.rope_dim // 2:
                     raise ConfigError(f"attention.{name}", f"{n} factors",
-                                      f"needs head_dim / 2 = {self.head_dim // 2} factors (one per RoPE frequency)")
+                                      f"needs head_dim / 2 = {self.rope_dim // 2} factors (one per RoPE frequency)")
         if self.moe is not None and self.moe.aoe is not None and self.moe.aoe.d_low >= self.d_model:
             raise ConfigError("moe.aoe.d_low", self.moe.aoe.d_low,
                               f"must be < d_model={self.d_model} (W_g = W_down W_up is a low-rank factorisation; "
@@ -540,6 +672,30 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head: head_dim, or MLA's decoupled qk_rope_head_dim."""
+        mla = self.attention.mla
+        return self.head_dim if mla is None else mla.qk_rope_head_dim
+
+    def kv_cache_values_per_token(self) -> int:
+        """Numbers the KV cache keeps per token, summed over layers: 2 * kv_heads * head_dim per layer
+        for MHA / GQA / MQA, kv_lora_rank + qk_rope_head_dim for MLA (DeepSeek-V2 Table 1)."""
+        mla = self.attention.mla
+        per_layer = (mla.kv_lora_rank + mla.qk_rope_head_dim) if mla else 2 * self.attention.kv_heads * self.head_dim
+        return per_layer * self.num_layers
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes per token at a given element size (2: bf16/fp16, 4: fp32); MTP modules excluded."""
+        return self.kv_cache_values_per_token() * dtype_bytes
+
+    def attention_kind(self) -> str:
+        """'MLA', 'MHA', 'MQA' or 'GQA'."""
+        a = self.attention
+        if a.mla is not None:
+            return "MLA"
+        return "MHA" if a.kv_heads == a.num_heads else "MQA" if a.kv_heads == 1 else "GQA"
 
     @property
     def aoe_d_wide(self) -> int | None:

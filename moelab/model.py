@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moelab.config import ModelConfig
 from moelab.layers.attention import Attention, KVCache, LayerKVCache
+from moelab.layers.mla import MLAttention
 from moelab.layers.mlp import GatedMLP
 from moelab.layers.norm import make_norm
 from moelab.layers.rope import model_rope_cos_sin
@@ -40,7 +41,7 @@ class Block(nn.Module):
         norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
         self.layer_idx = layer_idx
         self.attn_norm = norm()
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention.mla is not None else Attention(cfg)
         self.ffn_norm = norm()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.dense_ffn_dim, cfg.activation)

@@ -54,8 +54,17 @@ class LayerKVCache:
         return self.k, self.v
 
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding rejects drafted tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
+
 class KVCache:
-    """One LayerKVCache per block; ``seq_len`` is the number of positions already cached."""
+    """One LayerKVCache per block; ``seq_len`` is the number of positions already cached.
+    Multi-head latent attention stores its latent c_KV as the keys and its RoPE key as the values
+    (both (B, 1, S, *)): the same buffers, 576 numbers per token and layer at DeepSeek's sizes."""
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [LayerKVCache() for _ in range(num_layers)]
@@ -63,6 +72,14 @@ class KVCache:
     @property
     def seq_len(self) -> int:
         return self.layers[0].length
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached positions (not the spare capacity of the buffers)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v) if t is not None)
 
 
 def causal_mask(q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, window: int | None) -> torch.Tensor:
