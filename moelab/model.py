@@ -10,6 +10,7 @@ Shape legend: B batch, T positions, D model dim, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -30,9 +31,12 @@ from moelab.moe.layer import MoELayer
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # lm_loss + sum of weighted aux losses (when labels are given)
+    # lm_loss + sum of weighted aux losses + (lambda / D) * sum of mtp_losses (when labels are given)
+    loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed over MoE layers
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # unweighted L_MTP^k, k = 1..D
+    hidden: torch.Tensor | None = None  # (B, T, D) last block's output before the final norm (return_hidden)
 
 
 class Block(nn.Module):
@@ -63,6 +67,26 @@ class Block(nn.Module):
         return x_BTD + h, routing
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction module k (DeepSeek-V3 §2.2, eq. 21-23), in the layout of the released
+    checkpoints (``model.layers.{L+k-1}.{enorm,hnorm,eh_proj,shared_head.norm}`` + a decoder layer):
+        h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])     embedding first (REFERENCES §4.3)
+        h^k = Block(h'),  P^k_{i+k+1} = OutHead(norm(h^k_i))
+    The embedding and the output head are the main model's (shared, not copied)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
+        self.enorm, self.hnorm = norm(), norm()
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = norm()
+
+    def forward(self, h_BTD, emb_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None):
+        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+        return self.block(x_BTD, cos_TD, sin_TD, positions_T, cache)
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,6 +97,11 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.mtp = None
+        if cfg.mtp is not None:
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_layers + k) for k in range(cfg.mtp.num_modules))
+        # lambda of L_MTP, set by the trainer at every step (MTPConfig.weight_at)
+        self.mtp_weight = cfg.mtp.loss_weight if cfg.mtp is not None else 0.0
         # per-block torch.utils.checkpoint in training; settable at run time (a training flag)
         self.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
@@ -111,14 +140,21 @@ class MoETransformer(nn.Module):
             block.compile(**compile_kwargs)
 
     def moe_layers(self) -> list[MoELayer]:
+        """The main stack's MoE layers (MTP modules' own MoE layers are not among them)."""
         return [b.ffn for b in self.blocks if b.is_moe]
+
+    def drop_mtp(self) -> None:
+        """Remove the MTP modules (after training, when they are not used for drafting)."""
+        self.mtp = None
+        self.config = dataclasses.replace(self.config, mtp=None)
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.blocks))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
-        """``labels`` are aligned with ``input_ids`` (shifted inside, -100 ignored), as in HF."""
+                cache: KVCache | None = None, return_hidden: bool = False) -> ModelOutput:
+        """``labels`` are aligned with ``input_ids`` (shifted inside, -100 ignored), as in HF. With
+        labels and MTP modules the MTP losses are computed and added (weight ``self.mtp_weight``)."""
         B, T = input_ids.shape
         if cache is not None:
             for layer in self.moe_layers():
@@ -138,16 +174,63 @@ class MoETransformer(nn.Module):
             if routing is not None:
                 for name, value in routing.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        logits_BTV = self.head(x_BTD)
+        out = ModelOutput(logits=logits_BTV, aux_losses=aux, hidden=x_BTD if return_hidden else None)
+        if labels is not None:
+            out.lm_loss = _next_token_loss(logits_BTV, labels, 1)
+            if self.mtp is not None and cache is None:  # also adds the modules' MoE aux losses to aux
+                out.mtp_losses = self._mtp_losses(x_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux)
+            out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
+            if out.mtp_losses:
+                out.loss = out.loss + self.mtp_weight / len(self.mtp) * sum(out.mtp_losses)
+        return out
+
+    def head(self, x_BTD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """Logits from last-block hidden states (the final norm, or an MTP module's own, then the LM head)."""
+        logits_BTV = self.lm_head((norm or self.norm)(x_BTD))
         if self.config.output_multiplier != 1.0:
             logits_BTV = logits_BTV * self.config.output_multiplier
-        out = ModelOutput(logits=logits_BTV, aux_losses=aux)
-        if labels is not None:
-            out.lm_loss = F.cross_entropy(
-                logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(),
-                labels[:, 1:].reshape(-1), ignore_index=-100)
-            out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
-        return out
+        return logits_BTV
+
+    def _mtp_losses(self, h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux) -> list[torch.Tensor]:
+        """DeepSeek-V3 eq. 21-24: depth k sees positions i < T - k (h^{k-1}_i and token i + k) and
+        predicts token i + k + 1, scored where that token is inside the sequence (i < T - k - 1).
+        Aux losses of the modules' MoE layers are added to ``aux``."""
+        losses, T = [], input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 2:
+                break
+            n = T - k  # positions of depth k
+            emb_BnD = self.embed(input_ids[:, k:])
+            if self.config.embedding_multiplier != 1.0:
+                emb_BnD = emb_BnD * self.config.embedding_multiplier
+            h_BTD, routing = module(h_BTD[:, :n], emb_BnD, cos_TD[:n], sin_TD[:n], positions_T[:n])
+            if routing is not None:
+                for name, value in routing.aux_losses.items():
+                    aux[name] = aux[name] + value if name in aux else value
+            losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels[:, k:], 1))
+        return losses
+
+    def mtp_draft(self, h_B1D: torch.Tensor, next_ids_B1: torch.Tensor, position: int,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """One step of MTP module 1 at ``position``: the main model's hidden state there and the token
+        that follows it give logits for the token after that (B, 1, V). ``cache``: the module's own
+        KV cache (one layer), advanced by one position."""
+        positions_T = torch.tensor([position], device=h_B1D.device)
+        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=position + 1)
+        module = self.mtp[0]
+        emb = self.embed(next_ids_B1)
+        if self.config.embedding_multiplier != 1.0:
+            emb = emb * self.config.embedding_multiplier
+        x, _ = module(h_B1D, emb, cos_TD, sin_TD, positions_T, cache.layers[0] if cache is not None else None)
+        return self.head(x, module.norm)
+
+
+def _next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: int) -> torch.Tensor:
+    """Cross-entropy of logits at position i against labels at i + shift (-100 ignored)."""
+    V = logits_BTV.shape[-1]
+    return F.cross_entropy(logits_BTV[:, :-shift].reshape(-1, V).float(), labels_BT[:, shift:].reshape(-1),
+                           ignore_index=-100)
 
 
 def _checkpointed_block(block: Block, *args):

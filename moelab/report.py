@@ -100,6 +100,10 @@ def run_plots(train: list[dict], evals: list[dict], plot_dir: Path, unigram_entr
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*_series(train, "lm_loss"), label="train LM loss", alpha=0.7)
+    depths = max((len(r.get("mtp_loss", [])) for r in train), default=0)
+    for k in range(depths):  # DeepSeek-V3 MTP: the loss of predicting token i + k + 2, unweighted
+        pts = [(r["step"], r["mtp_loss"][k]) for r in train if len(r.get("mtp_loss", [])) > k]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], alpha=0.7, label=f"train MTP loss, depth {k + 1}")
     if evals:
         ax.plot(*_series(evals, "val_loss"), "o-", label="validation loss")
     if unigram_entropy is not None:

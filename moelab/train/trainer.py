@@ -210,12 +210,19 @@ class Trainer:
         sums: dict[str, float] = {}
         per_layer: dict[str, list[float]] = {}
         counts = None
+        if cfg.model.mtp is not None and model.mtp is not None:
+            model.mtp_weight = cfg.model.mtp.weight_at(self.step, cfg.steps)
+        mtp_sums: list[float] = []
         for _ in range(cfg.grad_accum):
             ids, labels = batches.next()
             out = model(ids, labels=labels)
             (out.loss / cfg.grad_accum).backward()
             for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            for k, value in enumerate(out.mtp_losses):  # unweighted, per depth
+                if k == len(mtp_sums):
+                    mtp_sums.append(0.0)
+                mtp_sums[k] += float(value.detach()) / cfg.grad_accum
             layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
             for key in ROUTING_METRICS:  # mean over MoE layers, then over micro-batches
@@ -237,6 +244,9 @@ class Trainer:
                   "aux": {k: v for k, v in sums.items() if k not in ("loss", "lm_loss", *ROUTING_METRICS)},
                   **{k: sums[k] for k in ROUTING_METRICS if k in sums},
                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        if mtp_sums:
+            record["mtp_loss"] = mtp_sums
+            record["mtp_weight"] = model.mtp_weight
         record.update(load_stats(counts or []))
         if per_layer:
             record["layers"] = per_layer
