@@ -51,7 +51,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     cfg = _resolve_model_config(args.source)
     count = count_params(cfg)
-    data = {"source": args.source, **count.to_dict()}
+    data = {"source": args.source, **count.to_dict(), "attention": cfg.attention_kind(),
+            "kv_cache_values_per_token": cfg.kv_cache_values_per_token(),
+            "kv_cache_bytes_per_token": {"bf16": cfg.kv_cache_bytes_per_token(2), "fp32": cfg.kv_cache_bytes_per_token(4)}}
     if cfg.moe is not None:
         data["balancing"] = cfg.moe.router.balancing()
     if args.out:
@@ -75,6 +77,13 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(f"AoE activation cache (x W_down of every expert, all MoE layers): {count.aoe_cache_bytes_per_token:,} "
               "bytes per token "
               "per forward at the parameters' dtype (training also keeps each assignment's gathered copy)")
+    if count.mtp_params:
+        print(f"MTP modules (not in the totals above; embedding and head shared): {human(count.mtp_params)} "
+              f"({count.mtp_params:,}), {human(count.mtp_active_params)} active")
+    kv = data["kv_cache_bytes_per_token"]
+    print(f"KV cache ({cfg.attention_kind()}): {cfg.kv_cache_values_per_token():,} values per token over "
+          f"{cfg.num_layers} layers = {kv['bf16']:,} bytes in bf16 ({human(kv['bf16'] * 1024)}B per 1K tokens), "
+          f"{kv['fp32']:,} in fp32")
     if cfg.moe is not None:
         print(f"router {cfg.moe.router.type}, balancing in training: {data['balancing']['summary']}")
     return 0

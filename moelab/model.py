@@ -211,18 +211,19 @@ class MoETransformer(nn.Module):
             losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels[:, k:], 1))
         return losses
 
-    def mtp_draft(self, h_B1D: torch.Tensor, next_ids_B1: torch.Tensor, position: int,
-                  cache: KVCache | None = None) -> torch.Tensor:
-        """One step of MTP module 1 at ``position``: the main model's hidden state there and the token
-        that follows it give logits for the token after that (B, 1, V). ``cache``: the module's own
-        KV cache (one layer), advanced by one position."""
-        positions_T = torch.tensor([position], device=h_B1D.device)
-        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=position + 1)
+    def mtp_logits(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, start: int,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """MTP module 1 on positions start .. start + T - 1: the main model's hidden states there and
+        the tokens that follow each give logits for the token after that, (B, T, V). ``cache``: the
+        module's own one-layer KV cache, advanced by T positions (speculative decoding)."""
+        T = h_BTD.shape[1]
+        positions_T = torch.arange(start, start + T, device=h_BTD.device)
+        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)
         module = self.mtp[0]
-        emb = self.embed(next_ids_B1)
+        emb = self.embed(next_ids_BT)
         if self.config.embedding_multiplier != 1.0:
             emb = emb * self.config.embedding_multiplier
-        x, _ = module(h_B1D, emb, cos_TD, sin_TD, positions_T, cache.layers[0] if cache is not None else None)
+        x, _ = module(h_BTD, emb, cos_TD, sin_TD, positions_T, cache.layers[0] if cache is not None else None)
         return self.head(x, module.norm)
 
 

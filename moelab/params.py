@@ -20,6 +20,9 @@ from moelab.moe.layer import MoELayer
 from moelab.moe.routing import Router
 
 COMPONENTS = ("embeddings", "attention", "dense_ffn", "experts", "shared_experts", "routers", "norms", "lm_head")
+# DeepSeek-V3's multi-token-prediction modules: counted apart (``ParamCount.mtp_params``), outside the
+# totals, as the V3 paper's 671B / 37B leave them out (its HF checkpoint's 685B includes them)
+MTP = "mtp"
 
 
 @dataclass
@@ -34,11 +37,16 @@ class ParamCount:
     # Per token, per forward: bytes of activations AoE computes for every expert (T x E x d_low) at
     # the parameters' dtype, summed over layers; 0 without AoE.
     aoe_cache_bytes_per_token: int = 0
+    # MTP modules' own parameters (the embedding and output head they share are not counted again),
+    # and of those the ones a token uses (its routed experts K of E); not in the totals above
+    mtp_params: int = 0
+    mtp_active_params: int = 0
 
     def to_dict(self) -> dict:
         return {"total_params": self.total_params, "active_params": self.active_params,
                 "active_params_paper": self.active_params_paper,
                 "aoe_cache_bytes_per_token": self.aoe_cache_bytes_per_token,
+                "mtp_params": self.mtp_params, "mtp_active_params": self.mtp_active_params,
                 "breakdown": self.breakdown, "active_breakdown": self.active_breakdown}
 
 
@@ -67,15 +75,23 @@ def count_model(model: MoETransformer) -> ParamCount:
     """Count a built model (meta or real). Shared (tied) tensors are counted once."""
     seen: set[int] = set()
     total = {c: 0 for c in COMPONENTS}
+    mtp_total = mtp_inactive = 0
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total[_component(model, name, module)] += p.numel()
+            if name.split(".")[0] == MTP:
+                mtp_total += p.numel()
+            else:
+                total[_component(model, name, module)] += p.numel()
+    if model.mtp is not None:
+        for layer in model.mtp.modules():
+            if isinstance(layer, MoELayer):
+                mtp_inactive += sum(p.numel() for p in layer.experts.parameters()) - int(layer.active_expert_params())
     active = dict(total)
     paper_gap, cache_bytes = 0, 0
-    for layer in model.modules():
+    for layer in (b.ffn for b in model.blocks):
         if isinstance(layer, MoELayer):
             active["experts"] -= sum(p.numel() for p in layer.experts.parameters()) - int(layer.active_expert_params())
             if isinstance(layer.experts, AoEExperts):
@@ -87,7 +103,8 @@ def count_model(model: MoETransformer) -> ParamCount:
     tied_again = model.embed.weight.numel() if model.lm_head.weight is model.embed.weight else 0
     return ParamCount(sum(total.values()), active_total, total, active,
                       active_params_paper=active_total + tied_again - paper_gap,
-                      aoe_cache_bytes_per_token=cache_bytes)
+                      aoe_cache_bytes_per_token=cache_bytes, mtp_params=mtp_total,
+                      mtp_active_params=mtp_total - mtp_inactive)
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:

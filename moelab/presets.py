@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.config import (AoEConfig, AttentionConfig, MLAConfig, ModelConfig, MoEConfig, MTPConfig,
+                           RouterConfig, YaRNConfig)
 from moelab.errors import ConfigError
 
 
@@ -130,6 +131,74 @@ def deepseek_moe_16b() -> ModelConfig:
     )
 
 
+# DeepSeek-V2 / V3 YaRN (V2 §3.1.4, V3 §4.3): factor 40 over a 4K pretraining context.
+def _deepseek_yarn(mscale: float) -> YaRNConfig:
+    return YaRNConfig(factor=40.0, original_max_len=4096, beta_fast=32.0, beta_slow=1.0, mscale=mscale,
+                      mscale_all_dim=mscale)
+
+
+def deepseek_v2() -> ModelConfig:
+    """DeepSeek-V2 236B (arXiv 2405.04434 §3.1.2; deepseek-ai/DeepSeek-V2 config.json): 60 layers,
+    d 5120, MLA (128 heads, d_c 512, d'_c 1536, 128 + 64 / 128 head dims), first layer dense (F=12288),
+    2 shared + 160 routed experts of F=1536, top-6 over 3 of 8 device groups (group max), gates x16,
+    expert / device / communication balance 0.003 / 0.05 / 0.02 per sequence, YaRN to 160K."""
+    return ModelConfig(
+        vocab_size=102400, d_model=5120, num_layers=60, max_seq_len=163840, dense_ffn_dim=12288, norm_eps=1e-6,
+        init_std=0.006,
+        attention=AttentionConfig(num_heads=128, rope_type="yarn", yarn=_deepseek_yarn(0.707),
+                                  mla=MLAConfig(kv_lora_rank=512, q_lora_rank=1536)),
+        moe=MoEConfig(num_experts=160, expert_ffn_dim=1536, num_shared_experts=2, first_k_dense=1, moe_offset=0,
+                      router=RouterConfig(type="deepseek_v2", top_k=6, n_group=8, topk_group=3,
+                                          routed_scaling_factor=16.0)),
+    )
+
+
+def deepseek_v2_lite() -> ModelConfig:
+    """DeepSeek-V2-Lite 15.7B (V2 paper App. B; deepseek-ai/DeepSeek-V2-Lite config.json): 27 layers,
+    d 2048, MLA without query compression (16 heads, d_c 512), first layer dense (F=10944), 2 shared +
+    64 routed experts of F=1408, top-6, no group limit, alpha1 = 0.001."""
+    return ModelConfig(
+        vocab_size=102400, d_model=2048, num_layers=27, max_seq_len=163840, dense_ffn_dim=10944, norm_eps=1e-6,
+        attention=AttentionConfig(num_heads=16, rope_type="yarn", yarn=_deepseek_yarn(0.707),
+                                  mla=MLAConfig(kv_lora_rank=512, q_lora_rank=None)),
+        moe=MoEConfig(num_experts=64, expert_ffn_dim=1408, num_shared_experts=2, first_k_dense=1, moe_offset=0,
+                      router=RouterConfig(type="deepseek_v2", top_k=6, expert_balance_coef=0.001)),
+    )
+
+
+def deepseek_v3() -> ModelConfig:
+    """DeepSeek-V3 671B (arXiv 2412.19437 §4.2; deepseek-ai/DeepSeek-V3 config.json): 61 layers,
+    d 7168, MLA (128 heads, d_c 512, d'_c 1536), first 3 layers dense (F=18432), 1 shared + 256 routed
+    experts of F=2048, sigmoid top-8 over 4 of 8 node groups (sum of the top-2 per group), gates
+    normalised and x2.5, aux-loss-free bias (gamma 0.001) + sequence-wise balance 1e-4, YaRN to
+    160K, one MTP module (lambda 0.3, then 0.1)."""
+    return ModelConfig(
+        vocab_size=129280, d_model=7168, num_layers=61, max_seq_len=163840, dense_ffn_dim=18432, norm_eps=1e-6,
+        init_std=0.006,
+        attention=AttentionConfig(num_heads=128, rope_type="yarn", yarn=_deepseek_yarn(1.0),
+                                  mla=MLAConfig(kv_lora_rank=512, q_lora_rank=1536)),
+        moe=MoEConfig(num_experts=256, expert_ffn_dim=2048, num_shared_experts=1, first_k_dense=3, moe_offset=0,
+                      router=RouterConfig(type="deepseek_v3", top_k=8, n_group=8, topk_group=4,
+                                          routed_scaling_factor=2.5)),
+        mtp=MTPConfig(num_modules=1, loss_weight=0.3, final_loss_weight=0.1),
+    )
+
+
+def deepseek_v3_tiny() -> ModelConfig:
+    """DeepSeek-V3's design at the `tiny` scale, trainable on 2 CPU cores: MLA (4 heads, d_c 64,
+    d'_c 96, 32 + 16 / 32 head dims), the first layer dense, 1 shared + 16 fine-grained routed
+    experts (F=128) top-4 over 2 of 4 groups, sigmoid gates with the aux-loss-free bias and the
+    sequence-wise loss, one MTP module (lambda 0.3)."""
+    cfg = tiny()
+    cfg.dense_ffn_dim = 512
+    cfg.attention = AttentionConfig(num_heads=4, mla=MLAConfig(kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+                                                               qk_rope_head_dim=16, v_head_dim=32))
+    cfg.moe = MoEConfig(num_experts=16, expert_ffn_dim=128, num_shared_experts=1, first_k_dense=1, moe_offset=0,
+                        router=RouterConfig(type="deepseek_v3", top_k=4, n_group=4, topk_group=2))
+    cfg.mtp = MTPConfig(num_modules=1, loss_weight=0.3)
+    return ModelConfig.from_dict(cfg.to_dict())  # validated as a whole
+
+
 # AoE eq. 6 sums f over the K choices of a token (f sums to K), so its alpha_aux = 0.01 is
 # 0.01 * K in moelab's Switch loss, whose f sums to 1.
 AOE_AUX = 0.01
@@ -178,6 +247,10 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "qwen1.5-moe-a2.7b": qwen1_5_moe_a2_7b,
     "phi-3.5-moe": phi_3_5_moe,
     "deepseek-moe-16b": deepseek_moe_16b,
+    "deepseek-v2": deepseek_v2,
+    "deepseek-v2-lite": deepseek_v2_lite,
+    "deepseek-v3": deepseek_v3,
+    "deepseek-v3-tiny": deepseek_v3_tiny,
     "aoe-tiny": aoe_tiny,
     "aoe-732m": aoe_732m,
     "aoe-4b": aoe_4b,
@@ -194,7 +267,8 @@ class Published:
     source: str
     # "moelab": the active count follows moelab's convention (README); "paper": it counts a tied
     # embedding twice (input and output head) and only the K chosen experts
-    # (ParamCount.active_params_paper).
+    # (ParamCount.active_params_paper); "no_input_embedding": moelab's count without the input
+    # embedding (a lookup, no compute), which fits DeepSeek's V2-Lite 2.4B and V3 37B (README: 36.7B).
     active_convention: str = "moelab"
 
     @staticmethod
@@ -216,6 +290,12 @@ PUBLISHED: dict[str, Published] = {
     "qwen1.5-moe-a2.7b": Published("14.3B", "2.7B", "Qwen1.5-MoE-A2.7B model card: 14.3B total, 2.7B activated"),
     "phi-3.5-moe": Published("41.9B", "6.6B", "Phi-3.5-MoE model card: 41.9B total, 6.6B active"),
     "deepseek-moe-16b": Published("16.4B", "2.8B", "DeepSeekMoE paper (arXiv 2401.06066) §5: 16.4B total, 2.8B active"),
+    "deepseek-v2": Published("236B", "21B", "DeepSeek-V2 paper (arXiv 2405.04434) §3.1.2: 236B total, 21B activated"),
+    "deepseek-v2-lite": Published("15.7B", "2.4B", "DeepSeek-V2 paper App. B: 15.7B total, 2.4B activated",
+                                  active_convention="no_input_embedding"),
+    "deepseek-v3": Published("671B", "37B", "DeepSeek-V3 paper (arXiv 2412.19437) §4.2: 671B total, 37B activated "
+                             "(the main model; the MTP module's 11.5B unique parameters are not included)",
+                             active_convention="no_input_embedding"),
     "aoe-732m": Published("732M", "247M", "AoE paper (arXiv 2501.13074) §4.1.1: 732M total, 247M active",
                           active_convention="paper"),
     "aoe-4b": Published("4B", "1.18B", "AoE paper (arXiv 2501.13074) §4.2: 4B total, 1.18B active",
