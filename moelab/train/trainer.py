@@ -265,12 +265,18 @@ class Trainer:
         if not self.resume:
             log.write({"kind": "meta", "step": 0, "unigram_entropy": self.entropy,
                        "train_sequences": len(self.train_data.input_ids), "val_sequences": len(self.val_data.input_ids),
-                       "domains": self.train_data.domains,
+                       "domains": self.train_data.domains, "attention": cfg.model.attention_kind(),
+                       "kv_cache_bytes_per_token_fp32": cfg.model.kv_cache_bytes_per_token(4),
                        "balancing": cfg.model.moe.router.balancing() if cfg.model.moe is not None else None})
         batches = Batches(self.train_data, cfg.batch_size, cfg.seed, self.position)
         bar = _progress(cfg, self.step)
-        if bar is not None and cfg.model.moe is not None:
-            bar.write(f"router {cfg.model.moe.router.type}, balancing: {cfg.model.moe.router.balancing_summary()}")
+        if bar is not None:
+            m = cfg.model
+            line = (f"attention {m.attention_kind()}, KV cache {m.kv_cache_bytes_per_token(4):,} bytes per token (fp32)"
+                    + (f", MTP depth {m.mtp.num_modules}" if m.mtp is not None else ""))
+            if m.moe is not None:
+                line += f"; router {m.moe.router.type}, balancing: {m.moe.router.balancing_summary()}"
+            bar.write(line)
         record, val = None, {}
         try:
             while self.step < cfg.steps:

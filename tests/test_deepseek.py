@@ -1,0 +1,225 @@
+"""DeepSeek-V2/V3 architecture: MLA (expanded vs absorbed latent cache), YaRN, MTP, speculative
+decoding with the MTP module, and the deepseek-v3-tiny preset training end to end."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.config import AttentionConfig, MLAConfig, ModelConfig, MTPConfig, YaRNConfig
+from moelab.errors import ConfigError
+from moelab.generate import generate_ids, speculative_generate_ids
+from moelab.layers.rope import model_rope_cos_sin, yarn_inv_freq
+from moelab.model import build_model
+from moelab.presets import get_preset
+from tests.helpers import small_config
+
+
+def mla_config(q_lora=24, interleave=True, yarn=True, mtp=None) -> ModelConfig:
+    cfg = small_config()
+    extra = dict(rope_type="yarn", yarn=YaRNConfig(factor=4, original_max_len=16, mscale=0.707,
+                                                   mscale_all_dim=0.707)) if yarn else {}
+    cfg.attention = AttentionConfig(num_heads=4, mla=MLAConfig(kv_lora_rank=16, q_lora_rank=q_lora, qk_nope_head_dim=8,
+                                                               qk_rope_head_dim=4, v_head_dim=6,
+                                                               rope_interleave=interleave), **extra)
+    cfg.mtp = mtp
+    return ModelConfig.from_dict(cfg.to_dict())
+
+
+def _incremental(model, ids, prefill):
+    cache = model.new_cache()
+    outs = [model(ids[:, :prefill], cache=cache).logits]
+    for t in range(prefill, ids.shape[1]):
+        outs.append(model(ids[:, t:t + 1], cache=cache).logits)
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("q_lora,interleave", [(24, True), (None, True), (24, False)])
+def test_mla_latent_cache_equals_full_forward(q_lora, interleave):
+    torch.manual_seed(0)
+    cfg = mla_config(q_lora, interleave)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        absorbed, cache = _incremental(model, ids, 12)
+        for b in model.blocks:
+            b.attn.absorb = False
+        expanded, _ = _incremental(model, ids, 12)
+    torch.testing.assert_close(absorbed, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expanded, full, rtol=1e-5, atol=1e-5)
+    # the cache holds only c_KV and the RoPE key: (kv_lora_rank + qk_rope_head_dim) per token and layer
+    assert cache.nbytes() == 2 * 20 * cfg.num_layers * (16 + 4) * 4 == cfg.kv_cache_bytes_per_token(4) * 2 * 20
+
+
+def test_mla_absorbed_equals_textbook_attention():
+    """One MLA layer against the formulas of REFERENCES §5 written out with explicit keys and values."""
+    torch.manual_seed(1)
+    cfg = mla_config(q_lora=None, interleave=False, yarn=False)
+    attn = build_model(cfg).blocks[0].attn
+    x = torch.randn(1, 5, cfg.d_model)
+    pos = torch.arange(5)
+    cos, sin = model_rope_cos_sin(cfg, pos, 5)
+    H, N, R, V, C = 4, 8, 4, 6, 16
+
+    def rope(t):  # half-split rotation
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+    q = attn.q_proj(x).view(1, 5, H, N + R)
+    ckv, kr = attn.kv_a_proj(x).split([C, R], dim=-1)
+    ckv = attn.kv_a_norm(ckv)
+    kv = attn.kv_b_proj(ckv).view(1, 5, H, N + V)
+    out = torch.zeros(1, 5, H, V)
+    for h in range(H):
+        qh = torch.cat([q[0, :, h, :N], rope(q[0, :, h, N:])], dim=-1)
+        kh = torch.cat([kv[0, :, h, :N], rope(kr[0])], dim=-1)
+        s = (qh @ kh.T) / math.sqrt(N + R)
+        s = s.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+        out[0, :, h] = s.softmax(-1) @ kv[0, :, h, N:]
+    ref = attn.o_proj(out.reshape(1, 5, H * V))
+    torch.testing.assert_close(attn(x, cos, sin, pos), ref, rtol=1e-5, atol=1e-6)
+    cache = build_model(cfg).new_cache().layers[0]
+    torch.testing.assert_close(attn(x, cos, sin, pos, cache), ref, rtol=1e-5, atol=1e-6)  # absorbed path
+
+
+def test_yarn_matches_the_paper_formula_and_mscale():
+    """YaRN by hand: dims turning > beta_fast times over the original context keep theta^(-2i/d),
+    < beta_slow times are divided by the factor; MLA's softmax scale x (0.1 ln(s) m + 1)^2."""
+    y = YaRNConfig(factor=40, original_max_len=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+    d, theta = 64, 10000.0
+    inv = yarn_inv_freq(d, theta, y)
+    base = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    turns = 4096 * base / (2 * math.pi)
+    fast, slow = turns > 32 * 1.3, turns < 1 / 1.3  # away from the ramp's rounded ends
+    torch.testing.assert_close(inv[fast], base[fast])
+    torch.testing.assert_close(inv[slow], base[slow] / 40)
+    assert y.cos_sin_factor() == 1.0
+    assert y.softmax_factor() == pytest.approx((0.1 * math.log(40) + 1) ** 2) == pytest.approx(1.8738, abs=1e-4)
+    v2 = YaRNConfig(factor=40, original_max_len=4096, mscale=0.707, mscale_all_dim=0.707)
+    assert v2.softmax_factor() == pytest.approx((0.0707 * math.log(40) + 1) ** 2) == pytest.approx(1.590, abs=1e-3)
+
+
+def test_mla_and_yarn_config_errors():
+    with pytest.raises(ConfigError, match="attention.num_kv_heads"):
+        AttentionConfig(num_heads=4, num_kv_heads=2, mla=MLAConfig())
+    with pytest.raises(ConfigError, match="attention.sliding_window"):
+        AttentionConfig(num_heads=4, sliding_window=8, mla=MLAConfig())
+    with pytest.raises(ConfigError, match="attention.yarn"):
+        AttentionConfig(num_heads=4, rope_type="yarn")
+    with pytest.raises(ConfigError, match="attention.mla.qk_rope_head_dim"):
+        MLAConfig(qk_rope_head_dim=7)
+    with pytest.raises(ConfigError, match="mtp.switch_fraction"):
+        MTPConfig(switch_fraction=2.0)
+
+
+def test_kv_cache_bytes_per_attention_type():
+    base = small_config()  # d 32, 4 heads of 8, 2 kv heads, 2 layers
+    assert base.attention_kind() == "GQA" and base.kv_cache_values_per_token() == 2 * 2 * 2 * 8
+    v3 = get_preset("deepseek-v3")
+    assert v3.attention_kind() == "MLA" and v3.kv_cache_values_per_token() == 61 * 576  # REFERENCES §5
+    assert get_preset("mixtral-8x7b").kv_cache_bytes_per_token(2) == 32 * 2 * 8 * 128 * 2
+    assert get_preset("tiny").attention_kind() in ("MHA", "GQA")
+
+
+def test_mtp_loss_by_hand():
+    """L_MTP^k (V3 eq. 21-24) written out: depth 1 combines [enorm(Emb(t_{i+1})); hnorm(h_i)] (embedding
+    first, the released layout), runs its block and predicts t_{i+2}; depth 2 chains on depth 1."""
+    torch.manual_seed(0)
+    cfg = mla_config(mtp=MTPConfig(num_modules=2, loss_weight=0.3))
+    model = build_model(cfg)
+    ids = torch.randint(0, 64, (2, 10))
+    out = model(ids, labels=ids, return_hidden=True)
+    pos = torch.arange(10)
+    cos, sin = model_rope_cos_sin(cfg, pos, 10)
+    h, losses = out.hidden, []
+    for k, mod in enumerate(model.mtp, start=1):
+        n = 10 - k
+        x = mod.eh_proj(torch.cat([mod.enorm(model.embed(ids[:, k:])), mod.hnorm(h[:, :n])], dim=-1))
+        h, _ = mod.block(x, cos[:n], sin[:n], pos[:n])
+        logits = model.lm_head(mod.norm(h))
+        losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, k + 1:].reshape(-1)))
+    torch.testing.assert_close(torch.stack(out.mtp_losses), torch.stack(losses))
+    torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()) + 0.3 / 2 * sum(losses))
+    out.loss.backward()
+    assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
+    # eval without labels: no MTP work, same logits after dropping the modules
+    with torch.no_grad():
+        logits = model(ids).logits
+        model.drop_mtp()
+        assert model.config.mtp is None and model.mtp is None
+        torch.testing.assert_close(model(ids).logits, logits)
+
+
+def test_mtp_weight_schedule():
+    m = MTPConfig(loss_weight=0.3, final_loss_weight=0.1, switch_fraction=0.68)
+    assert [m.weight_at(s, 100) for s in (0, 67, 68, 99)] == [0.3, 0.3, 0.1, 0.1]
+    assert MTPConfig(loss_weight=0.2).weight_at(99, 100) == 0.2
+
+
+def test_speculative_decoding_equals_greedy_and_counts_acceptance(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(mla_config(mtp=MTPConfig())).eval()
+    prompt = torch.randint(0, 64, (1, 7))
+    ref = generate_ids(model, prompt, 30)
+    out, stats = speculative_generate_ids(model, prompt, 30)
+    assert torch.equal(out, ref)
+    assert stats.new_tokens == 30 and stats.drafted == stats.main_forwards
+    # an oracle drafter that is right on every other call: accepted drafts give 2 tokens per forward
+    truth = ref[0].tolist()
+    calls = []
+    real = model.mtp_logits
+
+    def drafter(h, nxt, start, cache=None):
+        logits = real(h, nxt, start, cache)
+        target = start + h.shape[1] + 1  # the position the last pair's logits predict
+        calls.append(target)
+        if len(calls) % 2 == 0 and target < len(truth):
+            logits = logits.clone()
+            logits[0, -1, truth[target]] = 1e4
+        return logits
+
+    monkeypatch.setattr(model, "mtp_logits", drafter)
+    out2, st2 = speculative_generate_ids(model, prompt, 30)
+    assert torch.equal(out2, ref)
+    assert st2.accepted > 0 and st2.main_forwards < 30
+    assert st2.new_tokens == st2.main_forwards + st2.accepted or st2.new_tokens == 30
+
+
+def test_speculative_errors():
+    model = build_model(small_config())
+    with pytest.raises(ConfigError, match="mtp"):
+        speculative_generate_ids(model, torch.zeros(1, 3, dtype=torch.long), 4)
+    model = build_model(mla_config(mtp=MTPConfig()))
+    with pytest.raises(ConfigError, match="batch 1"):
+        speculative_generate_ids(model, torch.zeros(2, 3, dtype=torch.long), 4)
+
+
+@pytest.mark.slow
+def test_deepseek_v3_tiny_trains_and_its_mtp_drafts(tmp_path):
+    """The preset trains end to end on 2 CPU cores with MLA + MTP + aux-free bias + sequence-wise
+    loss; on a corpus with fixed continuations the trained MTP module's drafts are mostly accepted
+    and speculative decoding reproduces greedy decoding with fewer main-model forwards."""
+    from moelab.loading import load
+    from moelab.train import TrainConfig, train
+    from moelab.train.trainer import read_metrics
+
+    text = tmp_path / "c.txt"
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex jumbo pies".split()
+    text.write_text("\n\n".join(" ".join(words[(j + i) % len(words)] for i in range(120)) for j in range(40)))
+    cfg = get_preset("deepseek-v3-tiny")
+    cfg.vocab_size, cfg.num_layers, cfg.max_seq_len = 512, 2, 128
+    run = tmp_path / "run"
+    train(TrainConfig(model=cfg, data=str(text), steps=80, batch_size=8, seq_len=64, warmup_steps=8, lr=3e-3,
+                      eval_every=0, progress=False), run)
+    recs = [r for r in read_metrics(run) if r.get("kind") == "train"]
+    assert len(recs[-1]["mtp_loss"]) == 1 and recs[-1]["mtp_loss"][0] < recs[0]["mtp_loss"][0] - 1.0
+    assert "seq_balance" in recs[-1]["aux"]
+    model = load(run).eval()
+    assert model.blocks[1].ffn.router.e_score_correction_bias.abs().sum() > 0  # the aux-free bias moved
+    prompt = torch.tensor([list(range(3, 10))])
+    ref = generate_ids(model, prompt, 40)
+    out, stats = speculative_generate_ids(model, prompt, 40)
+    assert torch.equal(out, ref)
+    assert stats.acceptance_rate > 0.5 and stats.main_forwards < 30
