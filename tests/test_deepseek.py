@@ -197,7 +197,7 @@ def test_speculative_errors():
 
 
 @pytest.mark.slow
-def test_deepseek_v3_tiny_trains_and_its_mtp_drafts(tmp_path):
+def test_deepseek_v3_tiny_trains_and_its_mtp_drafts(tmp_path, capsys):
     """The preset trains end to end on 2 CPU cores with MLA + MTP + aux-free bias + sequence-wise
     loss; on a corpus with fixed continuations the trained MTP module's drafts are mostly accepted
     and speculative decoding reproduces greedy decoding with fewer main-model forwards."""
@@ -223,3 +223,11 @@ def test_deepseek_v3_tiny_trains_and_its_mtp_drafts(tmp_path):
     out, stats = speculative_generate_ids(model, prompt, 40)
     assert torch.equal(out, ref)
     assert stats.acceptance_rate > 0.5 and stats.main_forwards < 30
+    # the CLI reports the same run: tokens equal to greedy, acceptance and a measured speed-up ratio
+    import json
+
+    from moelab.cli import main
+    assert main(["generate", str(run), "--prompt", "the quick", "--max-new-tokens", "20", "--speculative",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["same_as_greedy"] and data["drafted"] >= data["accepted"] > 0 and data["speedup"] > 0
