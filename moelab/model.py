@@ -162,9 +162,7 @@ class MoETransformer(nn.Module):
         start = cache.seq_len if cache is not None else 0
         positions_T = torch.arange(start, start + T, device=input_ids.device)
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)  # (T, Dh) each
-        x_BTD = self.embed(input_ids)
-        if self.config.embedding_multiplier != 1.0:
-            x_BTD = x_BTD * self.config.embedding_multiplier
+        x_BTD = self.embed_tokens(input_ids)
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
@@ -185,6 +183,11 @@ class MoETransformer(nn.Module):
                 out.loss = out.loss + self.mtp_weight / len(self.mtp) * sum(out.mtp_losses)
         return out
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, scaled by ``embedding_multiplier`` (Grok-1)."""
+        x = self.embed(ids)
+        return x * self.config.embedding_multiplier if self.config.embedding_multiplier != 1.0 else x
+
     def head(self, x_BTD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """Logits from last-block hidden states (the final norm, or an MTP module's own, then the LM head)."""
         logits_BTV = self.lm_head((norm or self.norm)(x_BTD))
@@ -201,9 +204,7 @@ class MoETransformer(nn.Module):
             if T - k < 2:
                 break
             n = T - k  # positions of depth k
-            emb_BnD = self.embed(input_ids[:, k:])
-            if self.config.embedding_multiplier != 1.0:
-                emb_BnD = emb_BnD * self.config.embedding_multiplier
+            emb_BnD = self.embed_tokens(input_ids[:, k:])
             h_BTD, routing = module(h_BTD[:, :n], emb_BnD, cos_TD[:n], sin_TD[:n], positions_T[:n])
             if routing is not None:
                 for name, value in routing.aux_losses.items():
@@ -220,10 +221,8 @@ class MoETransformer(nn.Module):
         positions_T = torch.arange(start, start + T, device=h_BTD.device)
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)
         module = self.mtp[0]
-        emb = self.embed(next_ids_BT)
-        if self.config.embedding_multiplier != 1.0:
-            emb = emb * self.config.embedding_multiplier
-        x, _ = module(h_BTD, emb, cos_TD, sin_TD, positions_T, cache.layers[0] if cache is not None else None)
+        layer_cache = cache.layers[0] if cache is not None else None
+        x, _ = module(h_BTD, self.embed_tokens(next_ids_BT), cos_TD, sin_TD, positions_T, layer_cache)
         return self.head(x, module.norm)
 
 
