@@ -12,13 +12,14 @@ Shape legend: E experts, F expert FFN dim, D model dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from moelab.config import ModelConfig
+from moelab.config import ModelConfig, YaRNConfig
 from moelab.errors import MoelabError
 from moelab.interop.hf.config_reader import HFConfig
 
@@ -42,14 +43,23 @@ class Rule:
     # True for expert stacking: HF key j is row j of the single moelab tensor, so a loader can copy
     # each expert into place as it arrives instead of holding all E until the stack is complete.
     stacked: bool = False
+    # True when the HF key is a second copy of a moelab tensor that another rule maps (DeepSeek-V3's MTP
+    # layer stores its own embed_tokens and shared_head.head): export writes the copy, load checks that it
+    # equals the tensor and never writes it.
+    duplicate: bool = False
 
     def format(self, **kw) -> Rule:
-        return Rule(tuple(k.format(**kw) for k in self.hf), tuple(k.format(**kw) for k in self.ml),
-                    self.to_ml, self.to_hf, self.stacked)
+        return dataclasses.replace(self, hf=tuple(k.format(**kw) for k in self.hf),
+                                   ml=tuple(k.format(**kw) for k in self.ml))
 
 
 def copy(hf: str, ml: str) -> Rule:
     return Rule((hf,), (ml,), lambda ts, shapes: ts, lambda ts: ts)
+
+
+def duplicate(hf: str, ml: str) -> Rule:
+    """An HF key holding a copy of moelab tensor ``ml`` (mapped by another rule too)."""
+    return dataclasses.replace(copy(hf, ml), duplicate=True)
 
 
 def stack(hf_template: str, ml: str, num_experts: int) -> Rule:
@@ -108,14 +118,14 @@ def rope_theta_from_hf(hf: HFConfig, default: float) -> float:
 def rope_from_hf(hf: HFConfig, default_theta: float, scaled: tuple[str, ...] = ()) -> dict:
     """The RoPE fields of AttentionConfig. Reads ``rope_parameters`` (transformers >= 5) or ``rope_theta`` +
     ``rope_scaling`` (older config.json files). A scaled RoPE type is mapped when the family runs it
-    (``scaled``: phimoe's ``longrope``); any other (linear, dynamic, yarn, llama3, longrope elsewhere) is an
-    error naming the type, except when the config is read only to count parameters."""
+    (``scaled``: phimoe's ``longrope``, DeepSeek's ``yarn``); any other (linear, dynamic, llama3, yarn or
+    longrope elsewhere) is an error naming the type, except when the config is read only to count parameters."""
     params = hf.take("rope_parameters", None)
     scaling = hf.take("rope_scaling", None)
     theta = hf.take("rope_theta", None)
     # The hub's Phi-3.5-MoE config.json repeats original_max_position_embeddings at the top level; HF
     # copies the longrope block's value over it, so the block wins and the top level is a fallback.
-    top_original_max = hf.take("original_max_position_embeddings", None) if "longrope" in scaled else None
+    top_original_max = hf.take("original_max_position_embeddings", None) if scaled else None
     fields: dict = {}
     for name, block in (("rope_parameters", params), ("rope_scaling", scaling)):
         if block is None:
@@ -132,6 +142,14 @@ def rope_from_hf(hf: HFConfig, default_theta: float, scaled: tuple[str, ...] = (
             sub = HFConfig(block, f"{hf.where} {name}", hf.counting_only)
             sub.model_type = hf.model_type
             these = _longrope_from_hf(sub, top_original_max)
+            sub.finish()
+            if fields and fields != these:
+                raise hf.error(name, block, "rope_parameters and rope_scaling disagree; keep one of them")
+            fields = these
+        elif rtype == "yarn" and "yarn" in scaled:
+            sub = HFConfig(block, f"{hf.where} {name}", hf.counting_only)
+            sub.model_type = hf.model_type
+            these = _yarn_from_hf(sub, top_original_max, hf.data.get("max_position_embeddings"))
             sub.finish()
             if fields and fields != these:
                 raise hf.error(name, block, "rope_parameters and rope_scaling disagree; keep one of them")
@@ -169,6 +187,31 @@ def _longrope_from_hf(block: HFConfig, top_original_max: int | None) -> dict:
             "rope_long_mscale": block.take_float("long_mscale", minimum=0.0, allow_equal=False)}
 
 
+def _yarn_from_hf(block: HFConfig, top_original_max: int | None, max_pos: int | None) -> dict:
+    """An HF yarn block -> AttentionConfig fields, with transformers' defaults (``_compute_yarn_parameters``):
+    a top-level original_max_position_embeddings wins over the block's (``standardize_rope_params``), and
+    either falls back to max_position_embeddings; beta_fast / beta_slow of 0 or null mean 32 / 1."""
+    factor = block.take_float("factor", minimum=0.0, allow_equal=False)  # required: MLA's softmax scale reads it
+    original = top_original_max if top_original_max is not None else block.take(
+        "original_max_position_embeddings", max_pos)
+    block.ignore("original_max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise block.error("original_max_position_embeddings", original, "must be a positive integer")
+    mscale_all_dim = block.take_float("mscale_all_dim", 0.0)
+    # HF tests ``if mscale and mscale_all_dim``: a missing mscale acts as 0, which moelab's YaRNConfig
+    # reads the same way (its default 1.0 would change the cos/sin factor when mscale_all_dim is set).
+    mscale = block.take_float("mscale", 0.0 if mscale_all_dim else 1.0)
+    attention_factor = block.take("attention_factor", None)
+    if attention_factor is not None:
+        attention_factor = block.take_float("attention_factor", minimum=0.0, allow_equal=False)
+    yarn = YaRNConfig(factor=factor, original_max_len=original,
+                      beta_fast=block.take_float("beta_fast", 0.0) or 32.0,
+                      beta_slow=block.take_float("beta_slow", 0.0) or 1.0,
+                      mscale=mscale, mscale_all_dim=mscale_all_dim, attention_factor=attention_factor,
+                      truncate=block.take_bool("truncate", True))
+    return {"rope_type": "yarn", "yarn": yarn}
+
+
 def rope_to_hf(cfg: ModelConfig) -> dict:
     """The inverse of :func:`rope_from_hf`: ``rope_parameters`` (+ ``rope_theta``, and for longrope the
     top-level ``original_max_position_embeddings`` the hub configs carry). Unset mscales are written
@@ -176,6 +219,15 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     a = cfg.attention
     if a.rope_type == "default":
         return {"rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta}
+    if a.rope_type == "yarn":
+        y = a.yarn
+        block = {"rope_type": "yarn", "rope_theta": a.rope_theta, "factor": y.factor,
+                 "original_max_position_embeddings": y.original_max_len, "beta_fast": y.beta_fast,
+                 "beta_slow": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                 "truncate": y.truncate}
+        if y.attention_factor is not None:
+            block["attention_factor"] = y.attention_factor
+        return {"rope_parameters": block, "rope_theta": a.rope_theta}
     short_mscale, long_mscale = cfg.rope_mscales()
     return {"rope_parameters": {"rope_type": "longrope", "rope_theta": a.rope_theta,
                                 "short_factor": list(a.rope_short_factor), "long_factor": list(a.rope_long_factor),
@@ -196,11 +248,19 @@ def lb_coef_to_hf(cfg: ModelConfig) -> float:
     return cfg.moe.router.loss_coefs()["load_balance"] * n / cfg.moe.router.top_k
 
 
-def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("default",)) -> list[str]:
-    """Features no supported HF family expresses (``rope_types``: the RoPE variants the family runs)."""
+def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("default",),
+                           routers: tuple[str, ...] = ("topk", "sparsemixer"), mla: bool = False, mtp: bool = False,
+                           scaled_gates: bool = False) -> list[str]:
+    """Features no supported HF family expresses. What the family can say: ``rope_types`` (the RoPE
+    variants it runs), ``routers`` (the router types it may map), ``mla`` (multi-head latent attention),
+    ``mtp`` (MTP modules), ``scaled_gates`` (a routed_scaling_factor)."""
     p = []
     if cfg.attention.rope_type not in rope_types:
         p.append(f"attention.rope_type={cfg.attention.rope_type}")
+    if cfg.attention.mla is not None and not mla:
+        p.append("multi-head latent attention (attention.mla; deepseek_v2 / deepseek_v3 only)")
+    if cfg.mtp is not None and not mtp:
+        p.append("MTP modules (mtp; deepseek_v3 only)")
     if cfg.moe is None:
         p.append("a dense model (moe: null)")
         return p
@@ -214,11 +274,11 @@ def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("def
         p.append("output_multiplier")
     if cfg.moe.router.temperature != 1.0:
         p.append("moe.router.temperature")
-    if cfg.moe.router.routed_scaling_factor != 1.0:
+    if cfg.moe.router.routed_scaling_factor != 1.0 and not scaled_gates:
         p.append("moe.router.routed_scaling_factor")
     if cfg.moe.router.eval_capacity_factor is not None:
         p.append("moe.router.eval_capacity_factor (token dropping at inference)")
-    if cfg.moe.router.type not in ("topk", "sparsemixer"):
+    if cfg.moe.router.type not in routers:
         p.append(f"moe.router.type={cfg.moe.router.type}")
     if cfg.moe.aoe is not None:
         p.append("Autonomy-of-Experts experts (moe.aoe; no transformers model has them)")
@@ -252,11 +312,26 @@ class Adapter:
     def layer_rules(self, cfg: ModelConfig) -> list[Rule]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def extra_rules(self, cfg: ModelConfig) -> list[Rule]:
+        """Rules outside the main stack (DeepSeek-V3's MTP layers); formatted already."""
+        return []
+
+    def fit_checkpoint(self, cfg: ModelConfig, hf_keys: set[str]) -> ModelConfig:
+        """``cfg`` adjusted to what the checkpoint holds (DeepSeek-V3: MTP layers the config names but the
+        checkpoint lacks); by default unchanged."""
+        return cfg
+
+    def dropped_settings(self, cfg: ModelConfig) -> list[str]:
+        """Training-only settings the family's config.json cannot hold, besides the router z-loss (export
+        warns about each)."""
+        return []
+
     def rules(self, cfg: ModelConfig, ml_keys: set[str]) -> list[Rule]:
         """Every rule whose moelab keys all exist in the model (the config switches the rest off)."""
         candidates = list(self.global_rules(cfg))
         for i in range(cfg.num_layers):
             candidates += [r.format(i=i) for r in self.layer_rules(cfg)]
+        candidates += self.extra_rules(cfg)
         kept = []
         for r in candidates:
             present = [k in ml_keys for k in r.ml]

@@ -41,6 +41,9 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
     if cfg.moe is not None and cfg.moe.router.loss_coefs()["z_loss"] > 0:
         warnings.warn(f"router z-loss (coef {cfg.moe.router.loss_coefs()['z_loss']}) is training-only and has no "
                       f"{adapter.model_type} config field; it is not exported", stacklevel=2)
+    for what in adapter.dropped_settings(cfg):
+        warnings.warn(f"{what} is training-only and has no {adapter.model_type} config field; it is not exported",
+                      stacklevel=2)
     state = model_state(model)
     rules = adapter.rules(cfg, set(state))
     used = {k for r in rules for k in r.ml}

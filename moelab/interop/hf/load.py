@@ -89,6 +89,16 @@ def _names(keys: list[str], n: int = 8) -> str:
     return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''}"
 
 
+def _check_copies(copies: list, targets: dict, filled: set[str], directory: Path) -> None:
+    """Each stored copy whose original is loaded must equal it; checked copies leave the list (memory)."""
+    ready = [c for c in copies if c[1] in filled]
+    copies[:] = [c for c in copies if c[1] not in filled]
+    for k, ml, t in ready:
+        if not torch.equal(t.to(targets[ml].dtype), targets[ml].detach().cpu()):
+            raise CheckpointError(f"{directory}: tensor {k} is a copy of the one moelab loads as {ml} (moelab shares "
+                                  "it) but differs from it; make them equal or drop the copy")
+
+
 def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
             progress: bool = True) -> MoETransformer:
     """Load an HF model directory (config.json + safetensors) as a moelab model in eval mode.
@@ -100,6 +110,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
     cfg = hf_config_to_model_config(data, where=str(directory / HF_CONFIG))
     shards, weight_map = weight_files(directory)
     headers = read_headers(shards, weight_map)
+    cfg = adapter.fit_checkpoint(cfg, set(headers))
 
     meta = build_model(cfg, device="meta")
     ml_shapes = {k: tuple(v.shape) for k, v in model_state(meta).items()}
@@ -139,6 +150,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
         def tqdm(it, **kw):
             return it
     deferred_head = None
+    copies: list[tuple[str, str, torch.Tensor]] = []  # (HF key, moelab key, tensor) of duplicate rules
     with torch.no_grad():
         for shard in tqdm(shards, desc=f"loading {directory.name}", unit="shard", disable=not progress):
             with _open(shard) as f:
@@ -153,6 +165,10 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
                         continue
                     r_idx = key_rule[k]
                     r = rules[r_idx]
+                    if r.duplicate:  # a second copy of a tensor another rule fills: checked, never written
+                        copies.append((k, r.ml[0], t))
+                        _check_copies(copies, targets, filled, directory)
+                        continue
                     if r.stacked:  # copy expert j straight into row j of the stacked parameter
                         targets[r.ml[0]][r.hf.index(k)].copy_(t)
                         arrived[r_idx] += 1
@@ -167,6 +183,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device: s
                             targets[m].copy_(out)
                             filled.add(m)
                         del pending[r_idx]
+        _check_copies(copies, targets, filled, directory)
         unfilled = sorted(set(ml_shapes) - filled)
         if unfilled:  # pragma: no cover - the key check above makes this unreachable
             raise CheckpointError(f"{directory}: moelab parameters not filled: {_names(unfilled)}")
