@@ -1,8 +1,8 @@
 """Hugging Face interop: load HF MoE checkpoints into moelab models and export them back.
 
-One adapter per family (``mixtral``, ``phimoe``, ``dbrx``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``), each
-a config mapping both ways plus declarative key rules. ``transformers`` is never imported here:
-config.json is read as JSON and weights with safetensors.
+One adapter per family (``mixtral``, ``phimoe``, ``dbrx``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``,
+``deepseek_v2``, ``deepseek_v3``), each a config mapping both ways plus declarative key rules.
+``transformers`` is never imported here: config.json is read as JSON and weights with safetensors.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from moelab.errors import CheckpointError, ConfigError, MoelabError
 from moelab.interop.hf.common import Adapter, UnsupportedForFamily
 from moelab.interop.hf.config_reader import HFConfig
 from moelab.interop.hf.dbrx import DbrxAdapter
+from moelab.interop.hf.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
 from moelab.interop.hf.mixtral import MixtralAdapter
 from moelab.interop.hf.olmoe import OlmoeAdapter
 from moelab.interop.hf.phimoe import PhimoeAdapter
@@ -24,9 +25,10 @@ from moelab.interop.hf.qwen2_moe import Qwen2MoeAdapter
 from moelab.interop.hf.qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (
-    MixtralAdapter(), PhimoeAdapter(), DbrxAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter())}
+    MixtralAdapter(), PhimoeAdapter(), DbrxAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(),
+    DeepseekV2Adapter(), DeepseekV3Adapter())}
 # Export of a moelab-native model tries the families in this order and takes the first that fits.
-EXPORT_ORDER = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "dbrx", "phimoe")
+EXPORT_ORDER = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "dbrx", "phimoe", "deepseek_v3", "deepseek_v2")
 HF_CONFIG = "config.json"
 
 
