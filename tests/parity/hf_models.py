@@ -24,6 +24,17 @@ def _factors(n: int, seed: int, spread: float) -> list[float]:
 LONGROPE = {"type": "longrope", "short_factor": _factors(8, 0, 1.0), "long_factor": _factors(8, 1, 3.0),
             "short_mscale": 1.3, "long_mscale": 1.7, "original_max_position_embeddings": 16}
 
+# DeepSeek-V2 / V3: MLA (q latent 12 or none, kv latent 16, 8 + 4 / 8 head dims), 8 routed experts of F=16
+# plus 2 shared, top-2, first layer dense.
+DEEPSEEK = dict(vocab_size=V, hidden_size=D, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+                n_shared_experts=2, max_position_embeddings=64)
+# YaRN x4 over a 16-token "pretraining context", mscale = mscale_all_dim = 0.707 (DeepSeek-V2's): cos/sin
+# factor 1, MLA softmax scale x (0.1 * 0.707 * ln 4 + 1)^2.
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+
 # (family, variant name, config kwargs)
 VARIANTS = [
     ("mixtral", "gqa", dict(LLAMA, num_local_experts=4, num_experts_per_tok=2)),
@@ -69,6 +80,18 @@ VARIANTS = [
     ("olmoe", "clip-no-renorm", dict(LLAMA, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5)),
     ("olmoe", "bias-renorm-tied", dict(LLAMA, num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
                                        attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4)),
+    ("deepseek_v2", "qlora-groups-scaled", dict(DEEPSEEK, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                                                routed_scaling_factor=1.5)),
+    ("deepseek_v2", "lite-yarn-bias-top3", dict(DEEPSEEK, q_lora_rank=None, rope_parameters=YARN, attention_bias=True,
+                                                num_experts_per_tok=3, n_shared_experts=1)),
+    ("deepseek_v3", "groups-renorm-yarn-interleaved", dict(DEEPSEEK, n_group=2, topk_group=1, norm_topk_prob=True,
+                                                           rope_interleave=True, rope_parameters=YARN)),
+    ("deepseek_v3", "no-renorm-half-split-tied", dict(DEEPSEEK, n_group=4, topk_group=2, norm_topk_prob=False,
+                                                      rope_interleave=False, routed_scaling_factor=1.0,
+                                                      tie_word_embeddings=True, num_nextn_predict_layers=0)),
+    ("deepseek_v3", "lite-yarn-half-split-bias", dict(DEEPSEEK, q_lora_rank=None, n_group=2, topk_group=1,
+                                                      rope_interleave=False, rope_parameters=YARN,
+                                                      attention_bias=True)),
 ]
 
 
@@ -96,6 +119,9 @@ def build_hf_model(family: str, kwargs: dict, seed: int = 0):
                 p.normal_(0.0, 1.0)  # logits of std ~ sqrt(D) ~ 6: decisive routing
             elif name.endswith(("embed_tokens.weight", "wte.weight")):
                 p.normal_(0.0, 1.0)  # token identity dominates the residual stream in every layer
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias (HF inits it to 0)
+                b.normal_(0.0, 0.5)
     return model
 
 
