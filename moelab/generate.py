@@ -13,6 +13,7 @@ import torch
 from moelab.errors import ConfigError
 from moelab.layers.attention import KVCache
 from moelab.model import MoETransformer
+from moelab.moe.layer import MoELayer
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -105,8 +106,9 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
     model verifies [last token, draft] in one forward; a draft equal to its greedy choice is kept
     together with the main model's next token (two tokens for one forward), otherwise the main
     model's token replaces it and the draft's cache entry is dropped. The MTP module only ever sees
-    confirmed positions, so its cache never rolls back. The output is plain greedy decoding's
-    (up to float rounding of a 2-token vs a 1-token forward). Batch size 1."""
+    confirmed positions, so its cache never rolls back. The output is plain greedy decoding's up to
+    float rounding of a 2-token vs a 1-token forward (exact in the fp32 tests; in bf16 a near-tie can
+    flip). Dropless eval routing only; batch size 1."""
     if model.mtp is None:
         raise ConfigError("mtp", None, "speculative decoding drafts with the MTP modules; this model has none "
                                        "(train with model.mtp set, or load a DeepSeek-V3 checkpoint with its MTP layer)")
@@ -114,6 +116,11 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
         raise ConfigError("input_ids", tuple(input_ids.shape), "speculative decoding takes one sequence (batch 1)")
     if input_ids.shape[1] == 0:
         raise ConfigError("input_ids", "empty", "give at least one prompt token")
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and module.router_cfg.eval_capacity_factor is not None:
+            raise ConfigError(f"{name}.router.eval_capacity_factor", module.router_cfg.eval_capacity_factor,
+                              "with an eval capacity a 2-token verification can drop other assignments than "
+                              "1-token decoding; speculative decoding needs dropless eval routing (set it to null)")
     model.eval()
     stats = SpeculativeStats()
     T0 = input_ids.shape[1]
@@ -124,15 +131,21 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
     out = model(input_ids, cache=cache, return_hidden=True)
     tokens = input_ids[0].tolist()
     tokens.append(int(out.logits[0, -1].argmax()))
-    # MTP pairs (h_i, t_{i+1}) for every prompt position; the last one drafts token T0 + 1
-    nxt = torch.tensor([tokens[1:]], device=input_ids.device)
-    draft = int(model.mtp_logits(out.hidden, nxt, 0, mtp_cache)[0, -1].argmax())
     limit = T0 + budget
-    while len(tokens) < limit and not (eos_id is not None and tokens[-1] == eos_id):
+
+    def more() -> bool:
+        return len(tokens) < limit and not (eos_id is not None and tokens[-1] == eos_id)
+
+    def draft_from(h_BTD: torch.Tensor, next_ids: list[int], start: int) -> int:
+        nxt = torch.tensor([next_ids], device=input_ids.device)
+        return int(model.mtp_logits(h_BTD, nxt, start, mtp_cache)[0, -1].argmax())
+
+    # MTP pairs (h_i, t_{i+1}) for every prompt position; the last one drafts token T0 + 1
+    draft = draft_from(out.hidden, tokens[1:], 0) if more() else None
+    while more():
         n = len(tokens)  # tokens known; the main cache holds positions 0 .. n - 2
-        if n + 1 > limit or n + 1 > model.config.max_seq_len:
-            step_ids = torch.tensor([[tokens[-1]]], device=input_ids.device)  # room for one token only
-            out = model(step_ids, cache=cache)
+        if n == limit - 1:  # one token left: a plain step, no draft to verify
+            out = model(torch.tensor([[tokens[-1]]], device=input_ids.device), cache=cache)
             stats.main_forwards += 1
             tokens.append(int(out.logits[0, -1].argmax()))
             break
@@ -144,12 +157,13 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
         if greedy[0] == draft and not (eos_id is not None and draft == eos_id):
             stats.accepted += 1
             tokens += [draft, greedy[1]]
-            pairs_h, pairs_next = out.hidden, torch.tensor([[draft, greedy[1]]], device=input_ids.device)
+            pairs = (out.hidden, [draft, greedy[1]])
         else:
             tokens.append(greedy[0])
             cache.truncate(n)  # drop position n, computed for the rejected draft
-            pairs_h, pairs_next = out.hidden[:, :1], torch.tensor([[greedy[0]]], device=input_ids.device)
-        draft = int(model.mtp_logits(pairs_h, pairs_next, n - 1, mtp_cache)[0, -1].argmax())
+            pairs = (out.hidden[:, :1], [greedy[0]])
+        if more():  # the MTP module only sees confirmed positions: its cache never rolls back
+            draft = draft_from(*pairs, n - 1)
     if eos_id is not None and eos_id in tokens[T0:]:
         tokens = tokens[:T0 + tokens[T0:].index(eos_id) + 1]
     tokens = tokens[:limit]

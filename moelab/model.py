@@ -82,9 +82,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = norm()
 
+    def combine(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+
     def forward(self, h_BTD, emb_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None):
-        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
-        return self.block(x_BTD, cos_TD, sin_TD, positions_T, cache)
+        return self.block(self.combine(h_BTD, emb_BTD), cos_TD, sin_TD, positions_T, cache)
 
 
 class MoETransformer(nn.Module):
@@ -136,7 +138,7 @@ class MoETransformer(nn.Module):
         and forward; on CUDA the grouped-matmul path has none) and AoE's expert loop. Decoding a few
         tokens takes a gathered-weights batched matmul under compile, which has static shapes, so a
         compiled decode step does not recompile when other experts are chosen."""
-        for block in self.blocks:
+        for block in [*self.blocks, *(m.block for m in (self.mtp or []))]:
             block.compile(**compile_kwargs)
 
     def moe_layers(self) -> list[MoELayer]:
@@ -157,8 +159,9 @@ class MoETransformer(nn.Module):
         labels and MTP modules the MTP losses are computed and added (weight ``self.mtp_weight``)."""
         B, T = input_ids.shape
         if cache is not None:
-            for layer in self.moe_layers():
-                layer.router.check_incremental()
+            for layer in self.modules():  # the MTP modules' too (mtp_logits decodes with a cache)
+                if isinstance(layer, MoELayer):
+                    layer.router.check_incremental()
         start = cache.seq_len if cache is not None else 0
         positions_T = torch.arange(start, start + T, device=input_ids.device)
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)  # (T, Dh) each
@@ -179,8 +182,8 @@ class MoETransformer(nn.Module):
             if self.mtp is not None and cache is None:  # also adds the modules' MoE aux losses to aux
                 out.mtp_losses = self._mtp_losses(x_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux)
             out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
-            if out.mtp_losses:
-                out.loss = out.loss + self.mtp_weight / len(self.mtp) * sum(out.mtp_losses)
+            if out.mtp_losses:  # (lambda / D) sum_k L_k over the depths the sequence is long enough for
+                out.loss = out.loss + self.mtp_weight / len(out.mtp_losses) * sum(out.mtp_losses)
         return out
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -205,10 +208,15 @@ class MoETransformer(nn.Module):
                 break
             n = T - k  # positions of depth k
             emb_BnD = self.embed_tokens(input_ids[:, k:])
-            h_BTD, routing = module(h_BTD[:, :n], emb_BnD, cos_TD[:n], sin_TD[:n], positions_T[:n])
-            if routing is not None:
+            args = (h_BTD[:, :n], emb_BnD, cos_TD[:n], sin_TD[:n], positions_T[:n])
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h_BTD, routing = _checkpointed_block(module.block, module.combine(args[0], emb_BnD), *args[2:])
+            else:
+                h_BTD, routing = module(*args)
+            if routing is not None:  # logged apart from the main stack's: "mtp_seq_balance", ...
                 for name, value in routing.aux_losses.items():
-                    aux[name] = aux[name] + value if name in aux else value
+                    key = f"mtp_{name}"
+                    aux[key] = aux[key] + value if key in aux else value
             losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels[:, k:], 1))
         return losses
 

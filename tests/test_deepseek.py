@@ -165,7 +165,7 @@ def test_speculative_decoding_equals_greedy_and_counts_acceptance(monkeypatch):
     ref = generate_ids(model, prompt, 30)
     out, stats = speculative_generate_ids(model, prompt, 30)
     assert torch.equal(out, ref)
-    assert stats.new_tokens == 30 and stats.drafted == stats.main_forwards
+    assert stats.new_tokens == 30 and stats.main_forwards - 1 <= stats.drafted <= stats.main_forwards
     # an oracle drafter that is right on every other call: accepted drafts give 2 tokens per forward
     truth = ref[0].tolist()
     calls = []
@@ -187,6 +187,60 @@ def test_speculative_decoding_equals_greedy_and_counts_acceptance(monkeypatch):
     assert st2.new_tokens == st2.main_forwards + st2.accepted or st2.new_tokens == 30
 
 
+@pytest.mark.parametrize("new", [1, 2, 3])
+def test_speculative_short_outputs_eos_and_context_limit(new):
+    torch.manual_seed(0)
+    model = build_model(mla_config(mtp=MTPConfig())).eval()
+    prompt = torch.randint(0, 64, (1, 5))
+    out, st = speculative_generate_ids(model, prompt, new)
+    assert torch.equal(out, generate_ids(model, prompt, new))
+    assert st.new_tokens == new and st.main_forwards == (0 if new == 1 else st.main_forwards)
+    if new == 2:  # one token after the prefill's: a plain step, nothing drafted
+        assert (st.drafted, st.main_forwards) == (0, 1)
+    ref = generate_ids(model, prompt, 30)
+    eos = int(ref[0, 5 + 4])  # stop at the 5th generated token
+    out, _ = speculative_generate_ids(model, prompt, 30, eos_id=eos)
+    assert torch.equal(out, generate_ids(model, prompt, 30, eos_id=eos)[:, :out.shape[1]])
+    assert int(out[0, -1]) == eos and eos not in out[0, 5:-1].tolist()
+    model.config.max_seq_len = 12
+    assert torch.equal(speculative_generate_ids(model, prompt, 30)[0], generate_ids(model, prompt, 30))
+
+
+def test_mla_absorbed_chunks_after_a_cache():
+    """T > 1 new tokens after a non-empty cache, absorbed and expanded, and a long prefill."""
+    torch.manual_seed(3)
+    model = build_model(mla_config()).eval()
+    ids = torch.randint(0, 64, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        for absorb in (True, False):
+            for b in model.blocks:
+                b.attn.absorb = absorb
+            cache, outs = model.new_cache(), []
+            for a, b in ((0, 20), (20, 23), (23, 24), (24, 30)):  # 20 > ABSORB_MAX_NEW: expanded prefill
+                outs.append(model(ids[:, a:b], cache=cache).logits)
+            torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_with_activation_checkpointing_and_short_sequences():
+    torch.manual_seed(0)
+    cfg = mla_config(mtp=MTPConfig(num_modules=2))
+    a, b = build_model(cfg), build_model(cfg)
+    b.load_state_dict(a.state_dict())
+    b.activation_checkpointing = True
+    ids = torch.randint(0, 64, (2, 12))
+    la, lb = a(ids, labels=ids), b(ids, labels=ids)
+    la.loss.backward(), lb.loss.backward()
+    torch.testing.assert_close(lb.loss, la.loss)
+    assert set(la.aux_losses) == set(lb.aux_losses) and any(k.startswith("mtp_") for k in la.aux_losses)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+    # T = 3: only depth 1 fits (depth 2 would predict beyond the sequence); lambda / 1, not lambda / 2
+    short = a(ids[:, :3], labels=ids[:, :3])
+    assert len(short.mtp_losses) == 1
+    torch.testing.assert_close(short.loss, short.lm_loss + sum(short.aux_losses.values()) + 0.3 * short.mtp_losses[0])
+
+
 def test_speculative_errors():
     model = build_model(small_config())
     with pytest.raises(ConfigError, match="mtp"):
@@ -194,6 +248,10 @@ def test_speculative_errors():
     model = build_model(mla_config(mtp=MTPConfig()))
     with pytest.raises(ConfigError, match="batch 1"):
         speculative_generate_ids(model, torch.zeros(2, 3, dtype=torch.long), 4)
+    cfg = mla_config(mtp=MTPConfig())
+    cfg.moe.router.eval_capacity_factor = 1.0
+    with pytest.raises(ConfigError, match="eval_capacity_factor"):
+        speculative_generate_ids(build_model(cfg), torch.zeros(1, 3, dtype=torch.long), 4)
 
 
 @pytest.mark.slow

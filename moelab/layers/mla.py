@@ -13,7 +13,8 @@ Two computations of the same function:
   qk_rope_head_dim numbers per token and layer (576 for V2/V3 against 2 * 128 * 128 = 32768 for
   MHA). W_UK is absorbed into the query (q~_i = W_UK,i^T q_C,i, a kv_lora_rank vector per head),
   scores are q~_i . c_KV + q_R,i . k_R, and W_UV is applied after the weighted sum of latents.
-``MLAttention.absorb`` selects the second path with a cache (default True); tests check both agree.
+``MLAttention.absorb`` selects the second path with a cache (default True; a prefill of more than
+ABSORB_MAX_NEW tokens still runs expanded, then caches the latents); tests check both agree.
 
 Softmax scale: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim), times mscale(factor, mscale_all_dim)^2
 with YaRN (as transformers applies it whenever the RoPE type is not default).
@@ -31,6 +32,10 @@ from torch import nn
 from moelab.config import ModelConfig
 from moelab.layers.norm import RMSNorm
 from moelab.layers.rope import apply_rope, deinterleave
+
+
+# With a cache, at most this many new tokens on an empty cache are run absorbed (more: expanded).
+ABSORB_MAX_NEW = 16
 
 
 class MLAttention(nn.Module):
@@ -75,9 +80,12 @@ class MLAttention(nn.Module):
         c_BTC, k_rope_BTR = self.kv_a_proj(x_BTD).split([C, R], dim=-1)
         c_B1TC = self.kv_a_norm(c_BTC)[:, None]  # (B, 1, T, C): the "one head" layout of the cache
         k_rope_B1TR = self._rope(k_rope_BTR[:, None], cos_TR, sin_TR)
+        # absorbed when decoding a few tokens after a cache; a prefill (or a long chunk) is cheaper
+        # expanded, through SDPA, than as (B, H, T, S) fp32 scores; the cache keeps only latents either way
+        absorb = self.absorb and cache is not None and (cache.length > 0 or T <= ABSORB_MAX_NEW)
         if cache is not None:
             c_B1TC, k_rope_B1TR = cache.update(c_B1TC, k_rope_B1TR)  # now S = cached + new positions
-        if cache is not None and self.absorb:
+        if absorb:
             o_BHTV = self._absorbed(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, positions_T)
         else:
             o_BHTV = self._expanded(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, positions_T)
