@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NAMES = ["moe-layer", "train", "generate", "aoe", "all"]
+NAMES = ["moe-layer", "train", "generate", "aoe", "kv-cache", "speculative", "all"]
 
 
 def register(sub, formatter) -> None:
-    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, aoe, all)",
+    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, aoe, kv-cache, speculative, all)",
                        formatter_class=formatter,
                        description="Time moelab against transformers (or AoE against MoE) side by side in one "
                                    "process, with identical weights and outputs checked equal first; report ratios. "
@@ -57,6 +57,14 @@ def cmd_bench(args) -> int:
         results["aoe"] = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, reps, args.seed)
         if args.out and args.name == "aoe":
             write_bench(results["aoe"], Path(args.out))
+    if args.name in ("kv-cache", "all"):
+        from moelab.bench.deepseek import bench_kv_cache
+
+        results["kv_cache"] = bench_kv_cache(seed=args.seed)
+    if args.name in ("speculative", "all"):
+        from moelab.bench.deepseek import bench_speculative
+
+        results["speculative"] = bench_speculative(quick=args.quick, seed=args.seed)
     if args.out and args.name != "aoe":
         from moelab.bench.markdown import write_results
 

@@ -389,6 +389,10 @@ class MoEConfig:
         per = self.shared_expert_ffn_dim if self.shared_expert_ffn_dim is not None else self.expert_ffn_dim
         return self.num_shared_experts * per
 
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i's attention (None: full attention)."""
+        return self.attention.sliding_window
+
     def is_moe_layer(self, i: int) -> bool:
         offset = self.moe_every - 1 if self.moe_offset is None else self.moe_offset
         return i >= self.first_k_dense and i not in self.dense_layers and i % self.moe_every == offset
@@ -434,8 +438,8 @@ class YaRNConfig:
     context; cos and sin multiplied by the attention factor. MLA also multiplies its softmax scale by
     mscale(factor, mscale_all_dim)^2 (DeepSeek's rule)."""
 
-    factor: float = 40.0
-    original_max_len: int = 4096  # HF original_max_position_embeddings
+    factor: float | None = None  # required: the context extension ratio (DeepSeek-V2/V3: 40)
+    original_max_len: int | None = None  # required: the pretraining context, HF original_max_position_embeddings
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
@@ -444,6 +448,10 @@ class YaRNConfig:
     truncate: bool = True  # round the ramp's ends to whole dimensions (HF default)
 
     def __post_init__(self) -> None:
+        for name in ("factor", "original_max_len"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"attention.yarn.{name}", None, "is required for YaRN (DeepSeek-V2/V3: factor 40, "
+                                  "original_max_len 4096)")
         _positive("attention.yarn.factor", self.factor)
         _positive("attention.yarn.original_max_len", self.original_max_len)
         for name in ("beta_fast", "beta_slow"):
@@ -716,6 +724,10 @@ class ModelConfig:
         default = math.sqrt(1 + math.log(s) / math.log(a.rope_original_max_len)) if s > 1.0 else 1.0
         return (default if a.rope_short_mscale is None else a.rope_short_mscale,
                 default if a.rope_long_mscale is None else a.rope_long_mscale)
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i's attention (None: full attention)."""
+        return self.attention.sliding_window
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(i)

@@ -45,7 +45,7 @@ class Block(nn.Module):
         norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
         self.layer_idx = layer_idx
         self.attn_norm = norm()
-        self.attn = MLAttention(cfg) if cfg.attention.mla is not None else Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention.mla is not None else Attention(cfg, layer_idx)
         self.ffn_norm = norm()
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GatedMLP(cfg.d_model, cfg.dense_ffn_dim, cfg.activation)

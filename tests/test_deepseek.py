@@ -112,6 +112,12 @@ def test_mla_and_yarn_config_errors():
         MLAConfig(qk_rope_head_dim=7)
     with pytest.raises(ConfigError, match="mtp.switch_fraction"):
         MTPConfig(switch_fraction=2.0)
+    with pytest.raises(ConfigError, match="attention.yarn.original_max_len"):  # a YaRN block missing a field
+        ModelConfig.from_dict({**small_config().to_dict(), "attention": {"num_heads": 4, "rope_type": "yarn",
+                                                                       "yarn": {"factor": 4}}})
+    from moelab.train import TrainConfig
+    with pytest.raises(ConfigError, match="model.mtp.num_modules"):  # no token left for the deepest depth
+        TrainConfig(model=mla_config(mtp=MTPConfig(num_modules=3)), seq_len=4)
 
 
 def test_kv_cache_bytes_per_attention_type():

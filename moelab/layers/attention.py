@@ -92,11 +92,11 @@ def causal_mask(q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, window: int | None
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         a = cfg.attention
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.kv_heads, cfg.head_dim
-        self.window, self.clip, self.softcap = a.sliding_window, a.clip_qkv, a.logit_softcap
+        self.window, self.clip, self.softcap = cfg.layer_window(layer_idx), a.clip_qkv, a.logit_softcap
         d, hd = cfg.d_model, cfg.head_dim
         self.q_proj = nn.Linear(d, self.num_heads * hd, bias=a.qkv_bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=a.qkv_bias)

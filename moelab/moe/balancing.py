@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moelab.config import RouterConfig
-from moelab.moe.routing import Routing, count_ids
+from moelab.moe.routing import Routing, TokenLayout, count_ids
 
 
 def expert_counts(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -118,35 +118,42 @@ def comm_balance_loss(probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_
 
 
 def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
-                          seq_len: int, top_k: int) -> torch.Tensor:
-    """DeepSeek-V3 eq. 17-20, averaged over the B = T/seq_len sequences: per sequence,
+                          seq_len: int | TokenLayout, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20, averaged over the sequences: per sequence of S tokens,
     sum_i f_i P_i with f_i = E/(K S) * (tokens of the sequence selecting i) and P_i the mean of the
     scores normalised over all experts, s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Equals 1 at balance.
-    Tokens must be ordered sequence-major (row t belongs to sequence t // seq_len)."""
+    ``seq_len``: a length (row t belongs to sequence t // seq_len) or a TokenLayout (padded batches:
+    S is each sequence's own number of real tokens)."""
     T, E = scores_TE.shape
-    B = T // seq_len
+    layout = TokenLayout.of(seq_len, T, scores_TE.device)
+    B = layout.num_seqs
+    lens_B = torch.tensor(layout.lens, dtype=torch.float32, device=scores_TE.device).clamp_min(1)
     s = scores_TE.float()
-    P_BE = (s / s.sum(dim=-1, keepdim=True)).view(B, seq_len, E).mean(dim=1)
-    seq_expert_A = (token_idx_A // seq_len) * E + expert_idx_A
+    P_BE = torch.zeros(B, E, device=s.device).index_add(0, layout.seq_T, s / s.sum(dim=-1, keepdim=True))
+    P_BE = P_BE / lens_B[:, None]
+    seq_expert_A = layout.seq_T[token_idx_A] * E + expert_idx_A
     counts_BE = count_ids(seq_expert_A, B * E).view(B, E).float()
-    f_BE = counts_BE * (E / (top_k * seq_len))
+    f_BE = counts_BE * (E / top_k) / lens_B[:, None]
     return (f_BE.detach() * P_BE).sum(dim=-1).mean()
 
 
 def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
-                 seq_len: int) -> torch.Tensor:
-    """Mean over the T / seq_len sequences of ``loss_fn(probs_SE, token_idx, expert_idx)`` evaluated
-    on each sequence's own tokens and assignments (tokens ordered sequence-major)."""
-    seq_A = token_idx_A // seq_len
-    losses = []
-    for b in range(probs_TE.shape[0] // seq_len):
-        mine_A = seq_A == b
-        losses.append(loss_fn(probs_TE[b * seq_len:(b + 1) * seq_len], token_idx_A[mine_A] - b * seq_len,
-                              expert_idx_A[mine_A]))
+                 seq_len: int | TokenLayout) -> torch.Tensor:
+    """Mean over the sequences of ``loss_fn(probs_SE, token_idx, expert_idx)`` evaluated on each
+    sequence's own tokens and assignments (tokens ordered sequence-major; ``seq_len`` a length or a
+    TokenLayout)."""
+    layout = TokenLayout.of(seq_len, probs_TE.shape[0], probs_TE.device)
+    seq_A = layout.seq_T[token_idx_A]
+    losses, start = [], 0
+    for b, n in enumerate(layout.lens):
+        if n:
+            mine_A = seq_A == b
+            losses.append(loss_fn(probs_TE[start:start + n], token_idx_A[mine_A] - start, expert_idx_A[mine_A]))
+        start += n
     return torch.stack(losses).mean()
 
 
-def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int) -> None:
+def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayout) -> None:
     """Every balance loss whose coefficient is > 0 (``cfg.loss_coefs()``: set, or the router family's
     default), times that coefficient, into ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
     Computed on the router's choices before any capacity dropping (as Switch does)."""

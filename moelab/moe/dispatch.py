@@ -29,7 +29,7 @@ import torch
 
 from moelab.moe.aoe import AoEExperts
 from moelab.moe.experts import StackedExperts
-from moelab.moe.routing import Routing, count_ids
+from moelab.moe.routing import Routing, TokenLayout, count_ids
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -54,15 +54,15 @@ def choice_rank(routing: Routing) -> torch.Tensor:
     return rank_A
 
 
-def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: int) -> torch.Tensor:
+def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: int | TokenLayout) -> torch.Tensor:
     """(A,) bool: which assignments fit in their expert's ``capacity``. Tokens are ordered
-    sequence-major (token t is position t % seq_len of sequence t // seq_len)."""
+    sequence-major (token t is position t % seq_len of sequence t // seq_len, or as a TokenLayout says)."""
     token_A, expert_A = routing.token_idx_A, routing.expert_idx_A
     A = token_A.numel()
     perm = torch.arange(A, device=token_A.device)
     if priority == "position":
-        num_seqs = max(routing.num_tokens // seq_len, 1)
-        perm = _stable_sort_by(perm, (token_A % seq_len) * num_seqs + token_A // seq_len)
+        layout = TokenLayout.of(seq_len, routing.num_tokens, token_A.device)
+        perm = _stable_sort_by(perm, layout.pos_T[token_A] * max(layout.num_seqs, 1) + layout.seq_T[token_A])
         perm = _stable_sort_by(perm, choice_rank(routing))
     elif priority == "score":
         w = routing.weight_A.detach()
@@ -86,13 +86,18 @@ def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: 
 DECODE_MAX_ASSIGNMENTS = 16
 
 
-def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, routing: Routing,
+                     capacity: int | None = None) -> torch.Tensor:
     """sum over assignments (t, e, w) of w * expert_e(x_t), written into token t; tokens with no
-    assignment get zeros (their output is the residual stream alone)."""
+    assignment get zeros (their output is the residual stream alone). ``capacity``: the routing is
+    already cut to at most that many assignments per expert (capacity mode), which
+    ``experts.capacity_impl = "batched"`` runs as padded (E, C, D) batched matmuls."""
     if routing.expert_idx_A.numel() <= DECODE_MAX_ASSIGNMENTS and not torch.is_grad_enabled():
         if torch.compiler.is_compiling() and isinstance(experts, StackedExperts):
             return _gathered_combine(experts, x_TD, routing)
         return _decode_combine(experts, x_TD, routing)
+    if capacity is not None and isinstance(experts, StackedExperts) and experts.capacity_impl == "batched":
+        return _batched_capacity_combine(experts, x_TD, routing, capacity)
     order_A = torch.argsort(routing.expert_idx_A, stable=True)  # group assignments by expert
     token_sorted_A = routing.token_idx_A[order_A]
     extra = {}
@@ -131,4 +136,24 @@ def _gathered_combine(experts: StackedExperts, x_TD: torch.Tensor, routing: Rout
     u_AF = torch.bmm(experts.up_EFD[e_A], x_AD1).squeeze(-1)
     y_AD = torch.bmm(experts.down_EDF[e_A], (experts.act(g_AF) * u_AF)[:, :, None]).squeeze(-1)
     y_AD = y_AD * routing.weight_A.to(y_AD.dtype)[:, None]
+    return torch.zeros_like(x_TD).index_add(0, tok_A, y_AD)
+
+
+def _batched_capacity_combine(experts: StackedExperts, x_TD: torch.Tensor, routing: Routing,
+                              capacity: int) -> torch.Tensor:
+    """Capacity mode as GShard / Switch compute it: every expert gets a (C, D) buffer, its kept
+    assignments in slots 0..n_e-1 and zeros after, and all experts run as three batched matmuls
+    (static shapes, no host sync; the padding rows cost compute, which the sorted kernel avoids)."""
+    E, C = experts.num_experts, capacity
+    e_A, tok_A = routing.expert_idx_A, routing.token_idx_A
+    order_A = torch.argsort(e_A, stable=True)
+    counts_E = count_ids(e_A, E)
+    start_E = counts_E.cumsum(0) - counts_E
+    slot_A = torch.empty_like(order_A)
+    slot_A[order_A] = torch.arange(order_A.numel(), device=order_A.device) - start_E[e_A[order_A]]
+    x_ECD = x_TD.new_zeros(E, C, x_TD.shape[1]).index_put((e_A, slot_A), x_TD[tok_A])
+    h_ECF = experts.act(torch.bmm(x_ECD, experts.gate_EFD.transpose(1, 2))) * torch.bmm(
+        x_ECD, experts.up_EFD.transpose(1, 2))
+    y_ECD = torch.bmm(h_ECF, experts.down_EDF.transpose(1, 2))
+    y_AD = y_ECD[e_A, slot_A] * routing.weight_A.to(x_TD.dtype)[:, None]
     return torch.zeros_like(x_TD).index_add(0, tok_A, y_AD)

@@ -28,6 +28,9 @@ class StackedExperts(nn.Module):
         # "auto": torch._grouped_mm on CUDA, the sorted per-expert kernel elsewhere; "sorted",
         # "grouped" or "loop" (plain autograd, the pre-kernel path) force one
         self.impl = "auto"
+        # capacity mode (router.capacity_factor set): "sorted" runs the kernel above on the kept rows;
+        # "batched" pads every expert to C rows and runs (E, C, D) batched matmuls (GShard's layout)
+        self.capacity_impl = "sorted"
 
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on any batch of rows."""

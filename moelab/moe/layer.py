@@ -34,7 +34,7 @@ from moelab.moe.balancing import add_aux_losses
 from moelab.moe.dispatch import capacity_keep_mask, dispatch_combine, expert_capacity
 from moelab.moe.experts import StackedExperts
 from moelab.moe.metrics import load_balance_metrics
-from moelab.moe.routing import Routing, build_router
+from moelab.moe.routing import Routing, TokenLayout, build_router
 
 
 class MoELayer(nn.Module):
@@ -85,32 +85,44 @@ class MoELayer(nn.Module):
             return self.experts.active_param_count(k, scores_all=self.router_free)
         return k * sum(p.numel() for p in self.experts.parameters()) // self.num_experts
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """``token_mask_BT`` (bool, True = real token): padded positions are not routed at all, so they
+        take no capacity and count in no balance loss, load metric or bias update; their output is 0
+        (the block's output there is its residual)."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
+        valid_T = None
+        if token_mask_BT is not None and not bool(token_mask_BT.all()):
+            valid_T = token_mask_BT.reshape(-1)
+            layout = TokenLayout.from_mask(token_mask_BT)
+            x_TD = x_TD[valid_T]  # (N, D), the real tokens, sequence-major
+        else:
+            layout = TokenLayout.dense(B, T, x_TD.device)
         routing = self.route(x_TD)
-        add_aux_losses(self.router_cfg, routing, seq_len=T)
-        capacity = self.capacity(B * T)
+        add_aux_losses(self.router_cfg, routing, seq_len=layout)
+        capacity = self.capacity(x_TD.shape[0])
         kept = routing
         if capacity is not None:
-            routing.kept_A = capacity_keep_mask(routing, capacity, self.router_cfg.drop_priority, seq_len=T)
+            routing.kept_A = capacity_keep_mask(routing, capacity, self.router_cfg.drop_priority, seq_len=layout)
             kept = routing.select(routing.kept_A)
-        out_TD = dispatch_combine(self.experts, x_TD, kept)
+        out_TD = dispatch_combine(self.experts, x_TD, kept, capacity)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
         if self.record_stats:
-            self._record(routing, kept, T, capacity)
+            self._record(routing, kept, layout, capacity)
+        if valid_T is not None:
+            out_TD = out_TD.new_zeros(B * T, D).index_put((valid_T.nonzero().squeeze(1),), out_TD)
         return out_TD.view(B, T, D), routing
 
     @torch.no_grad()
-    def _record(self, routing: Routing, kept: Routing, seq_len: int, capacity: int | None) -> None:
-        """Metrics of this forward (REFERENCES §11):
+    def _record(self, routing: Routing, kept: Routing, layout: TokenLayout, capacity: int | None) -> None:
+        """Metrics of this forward (REFERENCES §11), over the routed (real) tokens only:
         tokens_per_expert (E,) and the load metrics of :func:`load_balance_metrics` (max_load_ratio,
         max_vio, cv, dead_expert_frac) on the routed load; dropped_frac (dropped / routed
-        assignments); dropped_frac_by_position (seq_len,); experts_per_token_{mean,min,max} (routed,
+        assignments); dropped_frac_by_position (longest sequence,); experts_per_token_{mean,min,max} (routed,
         before drops); no_expert_token_frac (tokens left with no expert after drops: expert choice,
         dropping); router_entropy (mean per-token entropy of probs_TE: AoE's confidence entropy
         Ent_conf, eq. 8); load_entropy (-sum_i f_i ln f_i of the routed load fractions f, summing to
@@ -122,7 +134,7 @@ class MoELayer(nn.Module):
         # The rest is computed when first read (one device sync then), so decoding and evaluation
         # that never look at the metrics pay only for the counts.
         self._pending = (routing.token_idx_A, kept.token_idx_A, routing.kept_A, routing.probs_TE.detach(), counts_E,
-                         routing.num_tokens, seq_len, capacity)
+                         routing.num_tokens, layout, capacity)
         self._metrics = None
 
     @property
@@ -134,10 +146,11 @@ class MoELayer(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _compute_metrics(token_A, kept_token_A, kept_A, probs_TE, counts_E, T, seq_len, capacity) -> dict:
+    def _compute_metrics(token_A, kept_token_A, kept_A, probs_TE, counts_E, T, layout, capacity) -> dict:
         per_token_T = torch.bincount(token_A, minlength=T).float()
         kept_per_token_T = torch.bincount(kept_token_A, minlength=T)
-        pos_A = token_A % seq_len
+        seq_len = max(layout.max_len, 1)
+        pos_A = layout.pos_T[token_A]
         routed_pos = torch.bincount(pos_A, minlength=seq_len).float()
         dropped_A = torch.zeros_like(pos_A, dtype=torch.bool) if kept_A is None else ~kept_A
         dropped_pos = torch.bincount(pos_A[dropped_A], minlength=seq_len).float()

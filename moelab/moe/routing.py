@@ -29,6 +29,49 @@ def count_ids(idx_N: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @dataclass
+class TokenLayout:
+    """Which sequence and position each routed token is, for the losses, capacity priorities and
+    metrics that are defined per sequence. Routed tokens are sequence-major: sequence b's tokens are
+    the ``lens[b]`` rows after those of sequences < b. Without padding every sequence has the same
+    length (``dense``); with a padding mask only the real tokens are routed (``from_mask``), so a
+    pad takes no capacity and counts in no loss, load or bias update."""
+
+    lens: list[int]  # routed tokens per sequence
+    pos_T: torch.Tensor  # (T,) long, position of each routed token within its sequence (0-based)
+    seq_T: torch.Tensor  # (T,) long, its sequence
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.lens)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lens, default=0)
+
+    @classmethod
+    def dense(cls, num_seqs: int, seq_len: int, device=None) -> TokenLayout:
+        t = torch.arange(num_seqs * seq_len, device=device)
+        return cls([seq_len] * num_seqs, t % seq_len, t // seq_len)
+
+    @classmethod
+    def from_mask(cls, mask_BT: torch.Tensor) -> TokenLayout:
+        """Layout of the True positions of a (B, T) mask; a position counts the real tokens before it
+        in its row (left padding gives the first real token position 0)."""
+        B, T = mask_BT.shape
+        pos_BT = mask_BT.long().cumsum(1) - 1
+        seq_BT = torch.arange(B, device=mask_BT.device)[:, None].expand(B, T)
+        return cls(mask_BT.sum(1).tolist(), pos_BT[mask_BT], seq_BT[mask_BT])
+
+    @classmethod
+    def of(cls, layout: TokenLayout | int, num_tokens: int, device=None) -> TokenLayout:
+        """Accept a layout or a plain sequence length (dense sequences of that length)."""
+        if isinstance(layout, TokenLayout):
+            return layout
+        return cls.dense(max(num_tokens // layout, 1), layout, device) if num_tokens else cls([], *(
+            torch.zeros(0, dtype=torch.long, device=device),) * 2)
+
+
+@dataclass
 class Routing:
     token_idx_A: torch.Tensor  # long, which token each assignment belongs to
     expert_idx_A: torch.Tensor  # long, which expert serves it

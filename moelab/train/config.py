@@ -56,6 +56,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
+        mtp = self.model.mtp
+        if mtp is not None and self.seq_len < mtp.num_modules + 2:
+            raise ConfigError("model.mtp.num_modules", mtp.num_modules,
+                              f"depth k predicts token i + k + 1, so seq_len={self.seq_len} leaves the deepest "
+                              f"module no target; use seq_len >= num_modules + 2 or fewer modules")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
