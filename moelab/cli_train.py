@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from moelab.errors import MoelabError
+from moelab.errors import ConfigError, MoelabError
 
 TRAIN_EPILOG = """examples:
   moelab train --preset tiny --steps 300 --out runs/tiny
@@ -37,10 +37,18 @@ def register(sub, formatter) -> None:
     p.set_defaults(func=cmd_train, allow_extra=True, parser=p)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint or run", formatter_class=formatter,
-                       description="Sample a continuation with a KV cache.",
-                       epilog='example:\n  moelab generate runs/tiny --prompt "def main(" --max-new-tokens 64')
+                       description="Sample continuations with a KV cache; several --prompt run as one left-padded "
+                                   "batch.",
+                       epilog='examples:\n  moelab generate runs/tiny --prompt "def main(" --max-new-tokens 64\n'
+                              '  moelab generate runs/tiny --prompt "def f(" --prompt "The" --stop "\\n\\n" --stream\n'
+                              '  moelab generate runs/ds3 --prompt "x = " --speculative   # DeepSeek MTP drafts')
     p.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--prefill-chunk", type=int, help="run long prompts through the cache this many tokens at a time")
+    p.add_argument("--rolling-cache", action="store_true",
+                   help="sliding-window layers keep only their window in the cache (constant memory)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50)
@@ -135,14 +143,44 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.checkpoint)
     if args.compile:
         model.compile_blocks()
-    if args.speculative:
-        return _speculative(model, tokenizer, args)
-    text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                    args.top_p, args.seed, use_cache=not args.no_cache)
+    if args.speculative or args.no_cache:
+        if len(args.prompt) != 1 or args.stop or args.stream:
+            raise ConfigError("--speculative/--no-cache", args.prompt,
+                              "take one --prompt and no --stop/--stream (they run the single-sequence decoders)")
+        args.prompt = args.prompt[0]
+        if args.speculative:
+            return _speculative(model, tokenizer, args)
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p, args.seed, use_cache=False)
+        print(json.dumps({"prompt": args.prompt, "completion": text, "seed": args.seed}) if args.json
+              else args.prompt + text)
+        return 0
+    from moelab.engine import generate_batch
+
+    prompts = [p if p else tokenizer.decode([tokenizer.eos_id]) for p in args.prompt]
+    batch = len(prompts) > 1
+
+    def stream(row: int, piece: str) -> None:
+        # one prompt: the text as it comes; a batch interleaves rows, so each piece is tagged with its row
+        sys.stdout.write(f"[{row}] {piece!r}\n" if batch else piece)
+        sys.stdout.flush()
+
+    if args.stream and not args.json and not batch:
+        sys.stdout.write(prompts[0])
+    results = generate_batch(model, [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts], args.max_new_tokens,
+                             tokenizer=tokenizer, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed, stop_strings=args.stop,
+                             stream=stream if args.stream and not args.json else None,
+                             prefill_chunk=args.prefill_chunk, rolling_cache=args.rolling_cache)
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "completion": text, "seed": args.seed}))
+        rows = [{"prompt": p, "completion": r.text, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
+                 "logprobs": r.logprobs} for p, r in zip(prompts, results)]
+        print(json.dumps({"seed": args.seed, "results": rows} if batch else {**rows[0], "seed": args.seed}))
+    elif args.stream:
+        sys.stdout.write("\n")
     else:
-        sys.stdout.write(args.prompt + text + "\n")
+        for p, r in zip(prompts, results):
+            sys.stdout.write(p + r.text + "\n" + ("\n" if batch else ""))
     return 0
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moelab.config import ModelConfig
+from moelab.errors import ConfigError
 from moelab.layers.attention import Attention, KVCache, LayerKVCache
 from moelab.layers.mla import MLAttention
 from moelab.layers.mlp import GatedMLP
@@ -52,14 +53,16 @@ class Block(nn.Module):
         self.post_attn_norm = norm() if cfg.sandwich_norm else None
         self.post_ffn_norm = norm() if cfg.sandwich_norm else None
 
-    def forward(self, x_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None):
-        h = self.attn(self.attn_norm(x_BTD), cos_TD, sin_TD, positions_T, cache)
+    def forward(self, x_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None,
+                valid_BT: torch.Tensor | None = None):
+        """``valid_BT``: False at padding, which is never attended to and never routed."""
+        h = self.attn(self.attn_norm(x_BTD), cos_TD, sin_TD, positions_T, cache, valid_BT)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x_BTD = x_BTD + h
         routing = None
         if self.is_moe:
-            h, routing = self.ffn(self.ffn_norm(x_BTD))
+            h, routing = self.ffn(self.ffn_norm(x_BTD), valid_BT)
         else:
             h = self.ffn(self.ffn_norm(x_BTD))
         if self.post_ffn_norm is not None:
@@ -85,8 +88,9 @@ class MTPModule(nn.Module):
     def combine(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
 
-    def forward(self, h_BTD, emb_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None):
-        return self.block(self.combine(h_BTD, emb_BTD), cos_TD, sin_TD, positions_T, cache)
+    def forward(self, h_BTD, emb_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None,
+                valid_BT: torch.Tensor | None = None):
+        return self.block(self.combine(h_BTD, emb_BTD), cos_TD, sin_TD, positions_T, cache, valid_BT)
 
 
 class MoETransformer(nn.Module):
@@ -150,28 +154,50 @@ class MoETransformer(nn.Module):
         self.mtp = None
         self.config = dataclasses.replace(self.config, mtp=None)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(len(self.blocks))
+    def new_cache(self, rolling: bool = False) -> KVCache:
+        """A KV cache for decoding; ``rolling``: sliding-window layers keep a rolling buffer of their
+        window only (constant memory however long the output), the others the full cache."""
+        windows = [b.attn.window if rolling and isinstance(b.attn, Attention) else None for b in self.blocks]
+        return KVCache(len(self.blocks), windows)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> ModelOutput:
+                cache: KVCache | None = None, return_hidden: bool = False,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
         """``labels`` are aligned with ``input_ids`` (shifted inside, -100 ignored), as in HF. With
-        labels and MTP modules the MTP losses are computed and added (weight ``self.mtp_weight``)."""
+        labels and MTP modules the MTP losses are computed and added (weight ``self.mtp_weight``).
+
+        ``attention_mask`` (B, cached + T), 1 = token, 0 = padding, as in HF: padding is never attended
+        to, never routed (no capacity, loss, load or bias contribution) and never scored; positions
+        count real tokens only, so a left-padded row computes what the unpadded sequence would."""
         B, T = input_ids.shape
         if cache is not None:
             for layer in self.modules():  # the MTP modules' too (mtp_logits decodes with a cache)
                 if isinstance(layer, MoELayer):
                     layer.router.check_incremental()
         start = cache.seq_len if cache is not None else 0
-        positions_T = torch.arange(start, start + T, device=input_ids.device)
-        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)  # (T, Dh) each
+        positions_T = torch.arange(start, start + T, device=input_ids.device)  # indices, for the masks
+        valid_BT = rope_positions = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, start + T):
+                raise ConfigError("attention_mask", tuple(attention_mask.shape),
+                                  f"must be (batch, cached + new tokens) = {(B, start + T)}")
+            mask_BS = attention_mask.bool()
+            valid_BT = mask_BS[:, start:]
+            rope_positions = (mask_BS.long().cumsum(1) - 1).clamp_min(0)[:, start:]  # (B, T) per row
+            if labels is not None:  # a label counts when it is a token and so is the position predicting it
+                prev_BT = torch.cat([mask_BS[:, start - 1:start] if start else valid_BT[:, :1] & False,
+                                     valid_BT[:, :-1]], dim=1)
+                labels = labels.masked_fill(~(valid_BT & prev_BT), -100)
+        cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T if rope_positions is None else rope_positions,
+                                            seq_len=start + T)  # (T, Dh) each, or (B, T, Dh)
         x_BTD = self.embed_tokens(input_ids)
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x_BTD, routing = _checkpointed_block(block, x_BTD, cos_TD, sin_TD, positions_T)
+                x_BTD, routing = _checkpointed_block(block, x_BTD, cos_TD, sin_TD, positions_T, None, valid_BT)
             else:
-                x_BTD, routing = block(x_BTD, cos_TD, sin_TD, positions_T, cache.layers[i] if cache else None)
+                x_BTD, routing = block(x_BTD, cos_TD, sin_TD, positions_T, cache.layers[i] if cache else None,
+                                       valid_BT)
             if routing is not None:
                 for name, value in routing.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
@@ -180,7 +206,8 @@ class MoETransformer(nn.Module):
         if labels is not None:
             out.lm_loss = _next_token_loss(logits_BTV, labels, 1)
             if self.mtp is not None and cache is None:  # also adds the modules' MoE aux losses to aux
-                out.mtp_losses = self._mtp_losses(x_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux)
+                out.mtp_losses = self._mtp_losses(x_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux,
+                                                  valid_BT)
             out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
             if out.mtp_losses:  # (lambda / D) sum_k L_k over the depths the sequence is long enough for
                 out.loss = out.loss + self.mtp_weight / len(out.mtp_losses) * sum(out.mtp_losses)
@@ -198,7 +225,8 @@ class MoETransformer(nn.Module):
             logits_BTV = logits_BTV * self.config.output_multiplier
         return logits_BTV
 
-    def _mtp_losses(self, h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux) -> list[torch.Tensor]:
+    def _mtp_losses(self, h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux,
+                    valid_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
         """DeepSeek-V3 eq. 21-24: depth k sees positions i < T - k (h^{k-1}_i and token i + k) and
         predicts token i + k + 1, scored where that token is inside the sequence (i < T - k - 1).
         Aux losses of the modules' MoE layers are added to ``aux``."""
@@ -208,7 +236,9 @@ class MoETransformer(nn.Module):
                 break
             n = T - k  # positions of depth k
             emb_BnD = self.embed_tokens(input_ids[:, k:])
-            args = (h_BTD[:, :n], emb_BnD, cos_TD[:n], sin_TD[:n], positions_T[:n])
+            # depth k at position i needs position i's hidden state and token i + k: both real
+            valid = None if valid_BT is None else valid_BT[:, :n] & valid_BT[:, k:]
+            args = (h_BTD[:, :n], emb_BnD, cos_TD[..., :n, :], sin_TD[..., :n, :], positions_T[:n], None, valid)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h_BTD, routing = _checkpointed_block(module.block, module.combine(args[0], emb_BnD), *args[2:])
             else:

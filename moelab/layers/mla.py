@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.layers.attention import attention_mask
 from moelab.layers.norm import RMSNorm
 from moelab.layers.rope import apply_rope, deinterleave
 
@@ -71,7 +72,7 @@ class MLAttention(nn.Module):
         return apply_rope(deinterleave(x) if self.interleave else x, cos_TR, sin_TR)
 
     def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, positions_T: torch.Tensor,
-                cache=None) -> torch.Tensor:
+                cache=None, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, N, R, C = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
         q_BHTK = self._query(x_BTD).view(B, T, H, N + R).transpose(1, 2)
@@ -83,44 +84,45 @@ class MLAttention(nn.Module):
         # absorbed when decoding a few tokens after a cache; a prefill (or a long chunk) is cheaper
         # expanded, through SDPA, than as (B, H, T, S) fp32 scores; the cache keeps only latents either way
         absorb = self.absorb and cache is not None and (cache.length > 0 or T <= ABSORB_MAX_NEW)
-        if cache is not None:
-            c_B1TC, k_rope_B1TR = cache.update(c_B1TC, k_rope_B1TR)  # now S = cached + new positions
+        k_pos_S, k_valid_BS = positions_T, valid_BT
+        if cache is not None:  # now S = cached + new positions
+            c_B1TC, k_rope_B1TR, k_pos_S, k_valid_BS = cache.update(c_B1TC, k_rope_B1TR, valid_BT)
+        mask = self._mask(positions_T, k_pos_S, k_valid_BS)
         if absorb:
-            o_BHTV = self._absorbed(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, positions_T)
+            o_BHTV = self._absorbed(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, mask)
         else:
-            o_BHTV = self._expanded(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, positions_T)
+            o_BHTV = self._expanded(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, mask)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def _mask(self, positions_T: torch.Tensor, S: int) -> torch.Tensor | None:
-        """(T, S) causal mask for T new queries after S - T cached keys; None when plain causal works."""
-        T = positions_T.shape[0]
-        if S == T:
+    @staticmethod
+    def _mask(positions_T, k_pos_S, k_valid_BS):
+        """None when the keys are exactly the new tokens with no padding (plain causal), else the
+        (T, S) or (B, 1, T, S) boolean mask."""
+        padded = k_valid_BS is not None and not bool(k_valid_BS.all())
+        if k_pos_S.shape[0] == positions_T.shape[0] and not padded:
             return None
-        k_pos_S = torch.arange(S, device=positions_T.device) + (positions_T[-1] + 1 - S)
-        return k_pos_S[None, :] <= positions_T[:, None]
+        return attention_mask(positions_T, k_pos_S, None, k_valid_BS if padded else None)
 
-    def _expanded(self, q_nope_BHTN, q_rope_BHTR, c_B1SC, k_rope_B1SR, positions_T):
+    def _expanded(self, q_nope_BHTN, q_rope_BHTR, c_B1SC, k_rope_B1SR, mask):
         B, H, T, N = q_nope_BHTN.shape
         S = c_B1SC.shape[2]
         kv_BSHK = self.kv_b_proj(c_B1SC[:, 0]).view(B, S, H, N + self.v_dim)
         k_nope_BHSN, v_BHSV = kv_BSHK.transpose(1, 2).split([N, self.v_dim], dim=-1)
         k_BHSK = torch.cat([k_nope_BHSN, k_rope_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
         q_BHTK = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
-        mask = self._mask(positions_T, S)
         return F.scaled_dot_product_attention(q_BHTK, k_BHSK, v_BHSV, attn_mask=mask, is_causal=mask is None,
                                               scale=self.scale)
 
-    def _absorbed(self, q_nope_BHTN, q_rope_BHTR, c_B1SC, k_rope_B1SR, positions_T):
+    def _absorbed(self, q_nope_BHTN, q_rope_BHTR, c_B1SC, k_rope_B1SR, mask):
         H, N, C = self.num_heads, self.nope_dim, self.latent_dim
         w_HKC = self.kv_b_proj.weight.view(H, N + self.v_dim, C)
         w_uk_HNC, w_uv_HVC = w_HKC[:, :N], w_HKC[:, N:]
         q_lat_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC)
         scores_BHTS = (q_lat_BHTC @ c_B1SC.transpose(-1, -2) + q_rope_BHTR @ k_rope_B1SR.transpose(-1, -2))
         scores_BHTS = scores_BHTS.float() * self.scale
-        S = c_B1SC.shape[2]
-        mask = self._mask(positions_T, S)
-        if mask is None and positions_T.shape[0] > 1:
-            mask = torch.ones(S, S, dtype=torch.bool, device=scores_BHTS.device).tril()
+        T, S = scores_BHTS.shape[-2:]
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores_BHTS.device).tril()
         if mask is not None:
             scores_BHTS = scores_BHTS.masked_fill(~mask, float("-inf"))
         p_BHTS = scores_BHTS.softmax(-1).to(c_B1SC.dtype)

@@ -52,7 +52,7 @@ def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float, factors
     else:
         factors_H = torch.tensor(factors, dtype=torch.float32, device=positions_T.device)  # (Dh/2,)
         inv_freq_H = 1.0 / (factors_H * theta ** exponent_H)
-    freqs_TH = positions_T.float()[:, None] * inv_freq_H[None, :]  # (T, Dh/2)
+    freqs_TH = positions_T.float()[..., None] * inv_freq_H  # (T, Dh/2), or (B, T, Dh/2) per row
     emb_TD = torch.cat([freqs_TH, freqs_TH], dim=-1)  # (T, Dh)
     if mscale == 1.0:
         return emb_TD.cos(), emb_TD.sin()
@@ -92,7 +92,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k; math in fp32, result in the input dtype."""
+    """Rotate q or k; math in fp32, result in the input dtype. cos/sin (T, Dh), or (B, T, Dh) when
+    positions differ per row (left padding)."""
+    if cos_TD.ndim == 3:
+        cos_TD, sin_TD = cos_TD[:, None], sin_TD[:, None]
     x32 = x_BHTD.float()
     out = x32 * cos_TD + _rotate_half(x32) * sin_TD
     return out.to(x_BHTD.dtype)
