@@ -389,10 +389,6 @@ class MoEConfig:
         per = self.shared_expert_ffn_dim if self.shared_expert_ffn_dim is not None else self.expert_ffn_dim
         return self.num_shared_experts * per
 
-    def layer_window(self, i: int) -> int | None:
-        """The sliding window of layer i's attention (None: full attention)."""
-        return self.attention.sliding_window
-
     def is_moe_layer(self, i: int) -> bool:
         offset = self.moe_every - 1 if self.moe_offset is None else self.moe_offset
         return i >= self.first_k_dense and i not in self.dense_layers and i % self.moe_every == offset
@@ -491,6 +487,9 @@ class AttentionConfig:
     head_dim: int | None = None  # None: d_model // num_heads
     rope_theta: float = 10000.0
     sliding_window: int | None = None  # a token sees itself and the previous sliding_window - 1 tokens
+    # The layers whose attention slides (Qwen2-MoE's layer_types), the others attend fully; None: every
+    # layer slides when sliding_window is set. MTP blocks are layers num_layers, num_layers + 1, ...
+    window_layers: tuple[int, ...] | None = None
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: str = "none"  # "per_head" (Qwen3: RMSNorm over head_dim) or "full" (OLMoE: over all heads)
@@ -530,6 +529,8 @@ class AttentionConfig:
         _positive("attention.rope_theta", self.rope_theta)
         if self.sliding_window is not None:
             _positive("attention.sliding_window", self.sliding_window)
+        if self.window_layers is not None:
+            self._validate_window_layers()
         _choice("attention.qk_norm", self.qk_norm, QK_NORM_TYPES)
         if self.clip_qkv is not None:
             _positive("attention.clip_qkv", self.clip_qkv)
@@ -538,6 +539,20 @@ class AttentionConfig:
         self._validate_rope_scaling()
         if self.mla is not None:
             self._validate_mla()
+
+    def _validate_window_layers(self) -> None:
+        w = self.window_layers
+        if not isinstance(w, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in w):
+            raise ConfigError("attention.window_layers", w, "must be a list of layer indices >= 0")
+        if self.sliding_window is None:
+            raise ConfigError("attention.window_layers", w, "needs attention.sliding_window (the window those "
+                              "layers use); set it, or remove window_layers for full attention everywhere")
+        if not w:
+            raise ConfigError("attention.window_layers", w, "lists no layer; remove attention.sliding_window and "
+                              "attention.window_layers for full attention everywhere")
+        if len(set(w)) != len(w):
+            raise ConfigError("attention.window_layers", w, "lists a layer twice; list each sliding layer once")
+        self.window_layers = tuple(sorted(w))
 
     def _validate_mla(self) -> None:
         if self.num_kv_heads not in (None, self.num_heads):
@@ -663,6 +678,12 @@ class ModelConfig:
                 if n != self.rope_dim // 2:
                     raise ConfigError(f"attention.{name}", f"{n} factors",
                                       f"needs head_dim / 2 = {self.rope_dim // 2} factors (one per RoPE frequency)")
+        if self.attention.window_layers is not None:
+            n_mtp = self.mtp.num_modules if self.mtp is not None else 0
+            for i in self.attention.window_layers:
+                if i >= self.num_layers + n_mtp:
+                    bound = f"num_layers={self.num_layers}" + (f" + mtp.num_modules={n_mtp}" if n_mtp else "")
+                    raise ConfigError("attention.window_layers", i, f"layer index must be < {bound}")
         if self.moe is not None and self.moe.aoe is not None and self.moe.aoe.d_low >= self.d_model:
             raise ConfigError("moe.aoe.d_low", self.moe.aoe.d_low,
                               f"must be < d_model={self.d_model} (W_g = W_down W_up is a low-rank factorisation; "
@@ -726,8 +747,12 @@ class ModelConfig:
                 default if a.rope_long_mscale is None else a.rope_long_mscale)
 
     def layer_window(self, i: int) -> int | None:
-        """The sliding window of layer i's attention (None: full attention)."""
-        return self.attention.sliding_window
+        """The sliding window of layer i's attention (None: full attention): attention.sliding_window on
+        the layers in attention.window_layers, or on every layer when that is None."""
+        a = self.attention
+        if a.window_layers is not None and i not in a.window_layers:
+            return None
+        return a.sliding_window
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(i)
