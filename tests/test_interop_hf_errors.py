@@ -120,7 +120,7 @@ def test_config_fields_out_of_range_or_unsupported(change, field):
       "ffn_config": {"moe_normalize_expert_weights": -2.0}}, "moe_normalize_expert_weights"),
     ({"model_type": "dbrx", "d_model": 32, "n_heads": 4, "n_layers": 2, "vocab_size": 64,
       "ffn_config": {"ffn_act_fn": {"name": "silu", "approximate": True}}}, "ffn_act_fn"),
-    ({"model_type": "qwen2_moe", **LLAMA, "use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ({"model_type": "qwen2_moe", **LLAMA, "use_sliding_window": True, "sliding_window": None}, "sliding_window"),
     ({"model_type": "qwen2_moe", **LLAMA, "mlp_only_layers": [7]}, "mlp_only_layers"),
     ({"model_type": "olmoe", **LLAMA, "head_dim": 16}, "head_dim"),
 ])

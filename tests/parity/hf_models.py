@@ -72,6 +72,10 @@ VARIANTS = [
         LLAMA, num_hidden_layers=4, moe_intermediate_size=16, shared_expert_intermediate_size=40, num_experts=6,
         num_experts_per_tok=3, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True,
         tie_word_embeddings=True, qkv_bias=False)),
+    # layers 0 and 2 slide (the even layers below max_window_layers), layer 1 attends fully
+    ("qwen2_moe", "swa-max-window-layers", dict(
+        LLAMA, num_hidden_layers=3, moe_intermediate_size=16, shared_expert_intermediate_size=20, num_experts=4,
+        num_experts_per_tok=2, use_sliding_window=True, sliding_window=4, max_window_layers=3)),
     ("qwen3_moe", "headdim-renorm", dict(LLAMA, head_dim=16, moe_intermediate_size=16, num_experts=4,
                                          num_experts_per_tok=2, norm_topk_prob=True)),
     ("qwen3_moe", "mlp-only-bias-swa", dict(LLAMA, num_hidden_layers=3, moe_intermediate_size=16, num_experts=5,

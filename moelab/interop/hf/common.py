@@ -250,11 +250,14 @@ def lb_coef_to_hf(cfg: ModelConfig) -> float:
 
 def common_export_problems(cfg: ModelConfig, rope_types: tuple[str, ...] = ("default",),
                            routers: tuple[str, ...] = ("topk", "sparsemixer"), mla: bool = False, mtp: bool = False,
-                           scaled_gates: bool = False) -> list[str]:
+                           scaled_gates: bool = False, window_pattern: bool = False) -> list[str]:
     """Features no supported HF family expresses. What the family can say: ``rope_types`` (the RoPE
     variants it runs), ``routers`` (the router types it may map), ``mla`` (multi-head latent attention),
-    ``mtp`` (MTP modules), ``scaled_gates`` (a routed_scaling_factor)."""
+    ``mtp`` (MTP modules), ``scaled_gates`` (a routed_scaling_factor), ``window_pattern`` (sliding
+    windows on some layers and full attention on the others)."""
     p = []
+    if len({cfg.layer_window(i) for i in range(cfg.num_layers)}) > 1 and not window_pattern:
+        p.append("sliding windows on some layers only (attention.window_layers; qwen2_moe only)")
     if cfg.attention.rope_type not in rope_types:
         p.append(f"attention.rope_type={cfg.attention.rope_type}")
     if cfg.attention.mla is not None and not mla:

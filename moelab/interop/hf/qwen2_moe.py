@@ -1,7 +1,9 @@
 """Qwen2-MoE / Qwen1.5-MoE (HF ``modeling_qwen2_moe``): RMSNorm, q/k/v bias (``qkv_bias``), softmax
 -> top-k router with optional renormalisation (``norm_topk_prob``), one shared expert scaled by
 sigmoid(x w) (``shared_expert_gate``), MoE every ``decoder_sparse_step``-th layer except
-``mlp_only_layers`` (those use a dense SwiGLU of ``intermediate_size``).
+``mlp_only_layers`` (those use a dense SwiGLU of ``intermediate_size``), a sliding window on the layers
+``layer_types`` marks (by default the even layers below ``max_window_layers``; moelab
+``attention.window_layers``).
 
 HF checkpoint keys: model.layers.{i}.mlp.gate.weight (E, D), mlp.experts.{e}.{gate,up,down}_proj,
 mlp.shared_expert.{gate,up,down}_proj, mlp.shared_expert_gate.weight (1, D); dense layers
@@ -19,25 +21,55 @@ from moelab.interop.hf.common import (Adapter, UnsupportedForFamily, common_expo
 from moelab.interop.hf.config_reader import HFConfig
 
 
-def sliding_window_of(hf: HFConfig, num_layers: int) -> int | None:
-    """moelab has one window for all layers. HF Qwen2-MoE slides only on some layers
-    (``layer_types``, or by default every other layer below ``max_window_layers``)."""
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def default_layer_types(num_layers: int, max_window_layers: int, use_sliding_window: bool) -> list[str]:
+    """transformers 5's Qwen2MoeConfig default when config.json has no ``layer_types``: the even layers
+    0, 2, 4 ... below ``max_window_layers`` slide, and only with ``use_sliding_window``."""
+    return ["sliding_attention" if use_sliding_window and i % 2 == 0 and i < max_window_layers else "full_attention"
+            for i in range(num_layers)]
+
+
+def sliding_windows_of(hf: HFConfig, num_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """(attention.sliding_window, attention.window_layers) as transformers 5 builds Qwen2-MoE: the layers
+    marked ``sliding_attention`` in ``layer_types`` (or its default) get a causal mask of width
+    ``sliding_window`` in every attention path (eager, sdpa), the others attend fully."""
     use = hf.take_bool("use_sliding_window", False)
-    window = hf.take("sliding_window", None)
-    hf.take("max_window_layers", None)  # only read through the default layer_types below
+    window = hf.take("sliding_window", None)  # HF sets it to 0 unless use_sliding_window
+    max_layers = hf.take("max_window_layers", 28)  # read only through the default layer_types
     types = hf.take("layer_types", None)
     if types is None:
-        types = ["full_attention"] * num_layers
-        if use:
-            raise hf.error("use_sliding_window", use, "HF slides only on every other layer below "
-                           "max_window_layers; moelab has one window for all layers")
-    if not isinstance(types, list) or len(types) != num_layers or set(types) - {"full_attention", "sliding_attention"}:
-        raise hf.error("layer_types", types, "must list 'full_attention'/'sliding_attention' for every layer")
-    if all(t == "full_attention" for t in types):
-        return None
-    if all(t == "sliding_attention" for t in types) and use and isinstance(window, int) and window > 0:
-        return window
-    raise hf.error("layer_types", types, "moelab applies one sliding window to all layers or to none")
+        if isinstance(max_layers, bool) or not isinstance(max_layers, int):
+            raise hf.error("max_window_layers", max_layers, "must be an integer")
+        types = default_layer_types(num_layers, max_layers, use)
+    if isinstance(types, list):
+        types = ["full_attention" if t == "attention" else t for t in types]  # HF's legacy name
+    if not isinstance(types, list) or len(types) != num_layers or set(types) - set(LAYER_TYPES):
+        raise hf.error("layer_types", types, f"must list 'full_attention' or 'sliding_attention' for each of the "
+                       f"{num_layers} layers")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not sliding:
+        return None, None
+    if not use:
+        raise hf.error("layer_types", types, "marks sliding layers but use_sliding_window is false, so "
+                       "transformers gives them a window of 0 (no key visible); set use_sliding_window: true or "
+                       "make those layers full_attention")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise hf.error("sliding_window", window, "must be an integer >= 1 when some layers slide")
+    return window, None if len(sliding) == num_layers else sliding
+
+
+def layer_types_to_hf(cfg: ModelConfig) -> dict:
+    """use_sliding_window, sliding_window, max_window_layers and layer_types for ``cfg``'s pattern. The
+    explicit layer_types is what transformers reads; max_window_layers is the smallest value whose
+    default gives the same pattern (else num_layers), so that a reader of the older fields agrees."""
+    L = cfg.num_layers
+    types = ["full_attention" if cfg.layer_window(i) is None else "sliding_attention" for i in range(L)]
+    use = "sliding_attention" in types
+    max_layers = next((m for m in range(L + 1) if default_layer_types(L, m, True) == types), L) if use else L
+    return {"use_sliding_window": use, "sliding_window": cfg.attention.sliding_window if use else None,
+            "max_window_layers": max_layers, "layer_types": types}
 
 
 class Qwen2MoeAdapter(Adapter):
@@ -50,7 +82,7 @@ class Qwen2MoeAdapter(Adapter):
         K = hf.take_int("num_experts_per_tok", 4)
         pattern = qwen_layer_pattern(hf, c.num_layers, E)
         bias = hf.take_bool("qkv_bias", True)
-        window = sliding_window_of(hf, c.num_layers)
+        window, window_layers = sliding_windows_of(hf, c.num_layers)
         moe = None
         F_ = hf.take_int("moe_intermediate_size", 1408)
         shared_F = hf.take_int("shared_expert_intermediate_size", 5632)
@@ -67,11 +99,12 @@ class Qwen2MoeAdapter(Adapter):
             dense_ffn_dim=hf.take_int("intermediate_size", 5632), norm="rmsnorm", norm_eps=c.norm_eps,
             activation=c.activation, tie_embeddings=c.tie, init_std=c.init_std,
             attention=AttentionConfig(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                      rope_theta=c.rope_theta, sliding_window=window, qkv_bias=bias),
+                                      rope_theta=c.rope_theta, sliding_window=window, window_layers=window_layers,
+                                      qkv_bias=bias),
             moe=moe)
 
     def from_moelab(self, cfg: ModelConfig) -> dict:
-        p = common_export_problems(cfg)
+        p = common_export_problems(cfg, window_pattern=True)
         pattern = {}
         if not p:
             a, m = cfg.attention, cfg.moe
@@ -90,14 +123,12 @@ class Qwen2MoeAdapter(Adapter):
                 p.append("clip_qkv")
         if p:
             raise UnsupportedForFamily(self.model_type, p)
-        m, L = cfg.moe, cfg.num_layers
-        window = cfg.attention.sliding_window
-        return {**write_llama_common(cfg), **pattern, "intermediate_size": cfg.dense_ffn_dim,
-                "moe_intermediate_size": m.expert_ffn_dim, "shared_expert_intermediate_size": m.shared_ffn_dim,
+        m = cfg.moe
+        return {**write_llama_common(cfg), **pattern, **layer_types_to_hf(cfg),
+                "intermediate_size": cfg.dense_ffn_dim, "moe_intermediate_size": m.expert_ffn_dim,
+                "shared_expert_intermediate_size": m.shared_ffn_dim,
                 "num_experts": m.num_experts, "num_experts_per_tok": m.router.top_k,
                 "norm_topk_prob": norm_topk_prob_of(cfg), "qkv_bias": cfg.attention.qkv_bias,
-                "use_sliding_window": window is not None, "sliding_window": window, "max_window_layers": L,
-                "layer_types": ["sliding_attention" if window else "full_attention"] * L,
                 "router_aux_loss_coef": lb_coef_to_hf(cfg)}
 
     def global_rules(self, cfg: ModelConfig):
