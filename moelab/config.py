@@ -665,6 +665,11 @@ class ModelConfig:
         _positive("norm_eps", self.norm_eps)
         _choice("activation", self.activation, ACTIVATIONS)
         _positive("init_std", self.init_std)
+        window = self.attention.sliding_window
+        if window is not None and window > self.max_seq_len:
+            raise ConfigError("attention.sliding_window", window,
+                              f"is larger than the context (max_seq_len={self.max_seq_len}), so it never limits "
+                              "attention; remove it (full attention) or use a window <= max_seq_len")
         if self.attention.mla is None and self.attention.head_dim is None and self.d_model % self.attention.num_heads:
             raise ConfigError(
                 "attention.num_heads", self.attention.num_heads,

@@ -187,5 +187,9 @@ def test_engine_bad_input():
         generate_batch(model, [[1, 2]], 4, tokenizer=_tokenizer(), stop_strings=[""])
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate_batch(model, [[1, 2]], 0)
+    cfg = small_config().to_dict()
+    cfg["attention"]["sliding_window"] = 65  # max_seq_len 64
+    with pytest.raises(ConfigError, match="attention.sliding_window"):
+        ModelConfig.from_dict(cfg)
     with pytest.raises(ConfigError, match="attention_mask"):
         model(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4))
