@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NAMES = ["moe-layer", "train", "generate", "aoe", "kv-cache", "speculative", "all"]
+NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "all"]
 
 
 def register(sub, formatter) -> None:
-    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, aoe, kv-cache, speculative, all)",
+    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, engine, aoe, kv-cache, speculative, all)",
                        formatter_class=formatter,
                        description="Time moelab against transformers (or AoE against MoE) side by side in one "
                                    "process, with identical weights and outputs checked equal first; report ratios. "
@@ -53,6 +53,8 @@ def cmd_bench(args) -> int:
     if args.name in ("generate", "all"):
         results["generate"] = compare.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed,
                                                     compiled=args.compile)
+    if args.name in ("engine", "all"):
+        results["engine"] = compare.bench_engine(reps=max(1, reps // 2), quick=args.quick, seed=args.seed)
     if args.name in ("aoe", "all"):
         results["aoe"] = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, reps, args.seed)
         if args.out and args.name == "aoe":

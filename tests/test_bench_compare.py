@@ -32,11 +32,15 @@ def test_bench_all_quick_writes_benchmarks_md(tmp_path, capsys):
     assert all(b["tokens_equal"] for b in results["generate"]["batches"].values())
     text = md.read_text()
     for section in ("MoE layer", "Training step", "Greedy generation", "AoE vs MoE", "KV cache per token",
-                    "Speculative decoding"):
+                    "Speculative decoding", "Batched generation engine"):
         assert section in text
     kv = results["kv_cache"]["rows"]  # formula checked against a filled cache inside the benchmark
     assert kv["MLA"]["values_per_token"] == 4 * (64 + 16) and kv["MHA"]["values_per_token"] == 4 * 2 * 4 * 32
     assert results["speculative"]["tokens_equal"] and results["speculative"]["drafted"] > 0
+    eng = results["engine"]["rows"]  # tokens equal transformers' generate (checked inside), cache flat
+    assert all(r["tokens_equal"] for r in eng.values())
+    rolled = eng["1-window"]["cache_bytes"]
+    assert len(set(rolled["rolling"][8:])) == 1 and rolled["full"][-1] > rolled["full"][8]
 
 
 def test_markdown_from_results():

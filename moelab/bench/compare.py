@@ -177,13 +177,14 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def _tiny_mixtral(tmp, d, layers, E, k, vocab=2048, seed=0):
+def _tiny_mixtral(tmp, d, layers, E, k, vocab=2048, seed=0, sliding_window=None):
     import transformers
 
     cfg = transformers.MixtralConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d if E <= 8 else d // 2,
                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                      num_local_experts=E, num_experts_per_tok=k, max_position_embeddings=512,
-                                     router_aux_loss_coef=0.0, tie_word_embeddings=False)
+                                     router_aux_loss_coef=0.0, tie_word_embeddings=False,
+                                     sliding_window=sliding_window)
     torch.manual_seed(seed)
     hf = transformers.MixtralForCausalLM(cfg)
     hf.save_pretrained(tmp)
@@ -287,3 +288,60 @@ def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens
             rows[str(batch)]["speedup_compiled"] = t["transformers"]["median_s"] / t["moelab-compiled"]["median_s"]
     return {"benchmark": "generate", "quick": quick, "new_tokens": new_tokens, "compiled": compiled,
             "batches": rows, "machine": machine()}
+
+
+def bench_engine(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens: int | None = None) -> dict:
+    """The batched engine (moelab.engine.generate_batch) against transformers' ``generate`` on the
+    same weights: batch 8 of mixed prompt lengths (left padding + attention mask on both sides), and
+    batch 1 past a sliding window with moelab's rolling cache; tokens must be identical. Also the
+    KV-cache bytes of the windowed generation at every step, rolling vs full cache: flat vs growing."""
+    import tempfile
+
+    import moelab
+    from moelab.engine import generate_batch
+
+    new_tokens = new_tokens or (12 if quick else 64)
+    d, layers, window = (64, 2, 8) if quick else (256, 4, 32)
+    rows = {}
+    g = torch.Generator().manual_seed(seed)
+    for name, win, lengths in (("8-mixed", None, (3, 16, 7, 11, 5, 16, 9, 2)), ("1-window", window, (16,))):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = _tiny_mixtral(tmp, d, layers, 8, 2, seed=seed, sliding_window=win).eval()
+            ours = moelab.load(tmp).eval()
+        prompts = [torch.randint(1, 2048, (n,), generator=g).tolist() for n in lengths]
+        T0 = max(lengths)
+        ids = torch.zeros(len(prompts), T0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, T0 - len(p):], mask[b, T0 - len(p):] = torch.tensor(p), 1
+        rolling = win is not None
+
+        def run_ours():
+            return generate_batch(ours, prompts, new_tokens, stop_ids=[], rolling_cache=rolling)
+
+        def run_hf():
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=0)
+
+        ref = run_hf()[:, T0:].tolist()
+        if [c.token_ids for c in run_ours()] != ref:
+            raise AssertionError(f"{name}: tokens differ between moelab's engine and transformers")
+        t = _time({"moelab": run_ours, "transformers": run_hf}, reps)
+        rows[name] = {"prompt_lengths": list(lengths), "window": win, "tokens_equal": True, "timing": t,
+                      "tokens_per_s": {n: len(prompts) * new_tokens / v["median_s"] for n, v in t.items()},
+                      "speedup": t["transformers"]["median_s"] / t["moelab"]["median_s"]}
+        if rolling:  # cache bytes after every step, rolling vs full
+            curves = {}
+            for kind in (True, False):
+                cache, sizes = ours.new_cache(rolling=kind), []
+                x = torch.tensor([prompts[0]])
+                with torch.no_grad():
+                    logits = ours(x, cache=cache).logits[:, -1]
+                    for _ in range(new_tokens):
+                        x = logits.argmax(-1, keepdim=True)
+                        logits = ours(x, cache=cache).logits[:, -1]
+                        sizes.append(cache.nbytes())
+                curves["rolling" if kind else "full"] = sizes
+            rows[name]["cache_bytes"] = curves
+    return {"benchmark": "engine", "quick": quick, "new_tokens": new_tokens, "rows": rows, "machine": machine()}
