@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_bench.register(sub, _Formatter)
 
+    from moelab import cli_eval
+
+    cli_eval.register(sub, _Formatter)
+
     from moelab import cli_experiments
 
     cli_experiments.register(sub, _Formatter)

@@ -1,0 +1,108 @@
+"""Figures and reports of `moelab eval`: the passkey heatmap and the perplexity-vs-context curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moelab.fileio import write_atomic  # noqa: E402
+from moelab.report import markdown_to_html, md_table, save_figure  # noqa: E402
+
+
+def _write(out: Path, title: str, md: list[str], result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
+    text = "\n".join(md) + "\n"
+    write_atomic(out / "report.md", text)
+    write_atomic(out / "report.html", markdown_to_html(title, text))
+
+
+# ---- passkey ------------------------------------------------------------------------------------
+def passkey_heatmap(grid: dict, path: Path, title: str) -> Path:
+    """Accuracy with depth on the y axis (0 = start of the context) and length on the x axis."""
+    lengths, depths, acc = grid["lengths"], grid["depths"], grid["accuracy"]  # acc[depth][length]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.55 * len(depths)))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{acc[i][j]:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)"), ax.set_ylabel("depth of the key"), ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="retrieval accuracy")
+    return save_figure(fig, path)
+
+
+def _grid_table(grid: dict) -> str:
+    headers = ["depth \\ length", *[str(n) for n in grid["lengths"]], "all"]
+    rows = [[f"{d:g}", *row, grid["by_depth"][i]] for i, (d, row) in enumerate(zip(grid["depths"], grid["accuracy"]))]
+    rows.append(["all", *grid["by_length"], grid["overall"]])
+    return md_table(headers, rows)
+
+
+def write_passkey_report(out: Path, result: dict) -> None:
+    """report.md / .html, result.json and plots/passkey_heatmap.png (plus the untrained baseline's for --quick)."""
+    md = ["# Passkey retrieval", "",
+          f"Source: `{result['source']}`. {result['trials']} trials per cell, keys of {result['digits']} digits, "
+          f"greedy decoding of {result['new_tokens']} tokens; a trial is right when the first digit run of the "
+          "continuation is exactly the key (Mohtashami & Jaggi 2023; Mixtral §3).", ""]
+    figs = {"trained": passkey_heatmap(result["grid"], out / "plots" / "passkey_heatmap.png",
+                                       f"passkey retrieval: {result['source']}")}
+    md += ["![passkey accuracy by length and depth](plots/passkey_heatmap.png)", "", _grid_table(result["grid"]), ""]
+    if "untrained" in result:
+        q = result["quick"]
+        md += ["## --quick: the same model before and after training on the task", "",
+               f"A {q['params']:,}-parameter moelab model (d_model {q['config']['d_model']}, "
+               f"{q['config']['num_layers']} layers, {q['config']['moe']['num_experts']} experts top-"
+               f"{q['config']['moe']['router']['top_k']}) trained {q['steps']} steps of {q['batch_size']} prompts "
+               f"of {q['train_lengths'][0]}-{q['train_lengths'][1]} tokens from the same generator (loss on the "
+               f"copies of the key only) in {q['train_seconds']:.0f} s; untrained (same initialisation): "
+               f"overall accuracy {result['untrained']['overall']:.2f}.", ""]
+        figs["untrained"] = passkey_heatmap(result["untrained"], out / "plots" / "passkey_heatmap_untrained.png",
+                                            "untrained (same initialisation)")
+        md += ["![untrained](plots/passkey_heatmap_untrained.png)", "", _grid_table(result["untrained"]), ""]
+    md += ["## Examples", "", md_table(["length", "depth", "key", "continuation", "right"],
+                                        [[e["length"], e["depth"], e["key"], repr(e["continuation"]), e["correct"]]
+                                         for e in result["examples"]]), ""]
+    result["plots"] = {k: str(v) for k, v in figs.items()}
+    _write(out, "moelab eval passkey", md, result)
+
+
+# ---- context ------------------------------------------------------------------------------------
+def context_plot(result: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["length"] for r in result["rows"]]
+    ax.plot(xs, [r["bucket_ppl"] for r in result["rows"]], "o-", label="tokens with context in the bucket")
+    ax.plot(xs, [r["window_ppl"] for r in result["rows"]], "s--", label="whole window of that length")
+    if len(result["domains"]) > 1:
+        for dom, d in result["domains"].items():
+            ax.plot(xs, [r["bucket_ppl"] for r in d["rows"]], ".:", alpha=0.7, label=f"{dom} ({d['windows']} windows)")
+    ax.set_xscale("log", base=2), ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("context length (tokens)"), ax.set_ylabel("perplexity"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_title(f"perplexity vs context: {result['source']}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def write_context_report(out: Path, result: dict) -> None:
+    plot = context_plot(result, out / "plots" / "perplexity_vs_context.png")
+    rows = [[r["length"], f"{r['bucket'][0]}-{r['bucket'][1]}", r["bucket_tokens"], r["bucket_loss"], r["bucket_ppl"],
+             r["window_ppl"]] for r in result["rows"]]
+    md = ["# Perplexity against context length", "",
+          f"Source: `{result['source']}`; data: {result['documents']} ({result['windows']} windows of "
+          f"{result['window']} tokens from {result['documents_used']} documents). The token at position c of a "
+          "window is predicted from the c tokens before it; a bucket averages the tokens whose context is in its "
+          "range, a window row averages positions 1 .. length - 1 (the perplexity of a window that long).", "",
+          "![perplexity vs context length](plots/perplexity_vs_context.png)", "",
+          md_table(["length", "context of the bucket", "tokens", "bucket loss", "bucket ppl", "window ppl"], rows), ""]
+    if len(result["domains"]) > 1:
+        md += ["## By domain (bucket perplexity)", "",
+               md_table(["domain", "windows", *[str(r["length"]) for r in result["rows"]]],
+                        [[dom, d["windows"], *[r["bucket_ppl"] for r in d["rows"]]]
+                         for dom, d in result["domains"].items()]), ""]
+    result["plots"] = {"perplexity_vs_context": str(plot)}
+    _write(out, "moelab eval context", md, result)
