@@ -92,7 +92,10 @@ def dispatch_combine(experts: StackedExperts | AoEExperts, x_TD: torch.Tensor, r
     assignment get zeros (their output is the residual stream alone). ``capacity``: the routing is
     already cut to at most that many assignments per expert (capacity mode), which
     ``experts.capacity_impl = "batched"`` runs as padded (E, C, D) batched matmuls."""
-    if routing.expert_idx_A.numel() <= DECODE_MAX_ASSIGNMENTS and not torch.is_grad_enabled():
+    # the few-token path runs experts locally; expert-parallel experts (no ``expert``) must always take
+    # part in the all-to-all, so they skip it
+    few = routing.expert_idx_A.numel() <= DECODE_MAX_ASSIGNMENTS and hasattr(experts, "expert")
+    if few and not torch.is_grad_enabled():
         if torch.compiler.is_compiling() and isinstance(experts, StackedExperts):
             return _gathered_combine(experts, x_TD, routing)
         return _decode_combine(experts, x_TD, routing)
