@@ -121,10 +121,10 @@ def test_untrained_model_scores_zero():
     tok = quick_tokenizer()
     torch.manual_seed(0)
     model = build_model(quick_config(tok.vocab_size))
-    r = evaluate_passkey(model, tok, [64, 128], [0.0, 1.0], trials=8, seed=0)
-    assert r["overall"] == 0.0
+    r = evaluate_passkey(model, tok, [64, 128], [0.5], trials=16, seed=0, batch_size=16)
+    assert r["overall"] == 0.0 and r["correct"] == [[0, 0]]
     assert r["new_tokens"] == answer_budget() == 7
-    assert len(r["examples"]) == 4 and all(not e["correct"] for e in r["examples"])
+    assert len(r["examples"]) == 2 and all(not e["correct"] for e in r["examples"])
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +146,13 @@ def test_cli_passkey_writes_heatmap_and_every_number(saved_untrained, capsys):
     from moelab.cli import main
 
     out = saved_untrained / "out"
-    assert main(["eval", "passkey", str(saved_untrained / "model"), "--lengths", "64,100", "--depths", "0,0.5,1",
-                 "--trials", "3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["eval", "passkey", str(saved_untrained / "model"), "--lengths", "64,100", "--depths", "0,1",
+                 "--trials", "2", "--out", str(out), "--no-progress"]) == 0
     r = json.loads((out / "result.json").read_text())
     g = r["grid"]
-    assert g["lengths"] == [64, 100] and g["depths"] == [0.0, 0.5, 1.0]
-    assert len(g["accuracy"]) == 3 and all(len(row) == 2 for row in g["accuracy"])
-    assert g["correct"] == [[0, 0]] * 3 and g["overall"] == 0.0 and r["trials"] == 3 and r["new_tokens"] == 7
+    assert g["lengths"] == [64, 100] and g["depths"] == [0.0, 1.0]
+    assert len(g["accuracy"]) == 2 and all(len(row) == 2 for row in g["accuracy"])
+    assert g["correct"] == [[0, 0]] * 2 and g["overall"] == 0.0 and r["trials"] == 2 and r["new_tokens"] == 7
     assert (out / "plots" / "passkey_heatmap.png").stat().st_size > 1000
     assert "| depth \\ length | 64 | 100 | all |" in (out / "report.md").read_text()
     assert "64: 0.00" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from moelab.fileio import write_atomic  # noqa: E402
 from moelab.report import markdown_to_html, md_table, save_figure  # noqa: E402
@@ -83,7 +84,11 @@ def context_plot(result: dict, path: Path) -> Path:
         for dom, d in result["domains"].items():
             ax.plot(xs, [r["bucket_ppl"] for r in d["rows"]], ".:", alpha=0.7, label=f"{dom} ({d['windows']} windows)")
     ax.set_xscale("log", base=2), ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("context length (tokens)"), ax.set_ylabel("perplexity"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("context length (tokens; a bucket is drawn at its upper end)"), ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
     ax.set_title(f"perplexity vs context: {result['source']}", fontsize=10)
     return save_figure(fig, path)
 
