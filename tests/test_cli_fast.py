@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["params", "presets", "convert", "data", "train", "generate", "report", "experiment", "bench", "analyze"]
+COMMANDS = ["params", "presets", "convert", "data", "train", "generate", "report", "experiment", "bench", "analyze", "eval"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in COMMANDS]])
