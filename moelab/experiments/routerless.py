@@ -30,7 +30,7 @@ import torch
 
 from moelab.errors import ConfigError, MoelabError
 from moelab.moe.experts import StackedExperts
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, TokenLayout
 
 NODES = ("x_Wg", "x_Wp", "act_x_Wg", "act_x_Wg_x_Wp", "output")
 NORMS = ("l1", "l2", "linf")
@@ -106,8 +106,12 @@ def _select_chunk(ex: StackedExperts, x_CD: torch.Tensor, node: str, norm: str, 
     return out_CD, norms_CE, idx_CK, weight_CK
 
 
-def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str) -> tuple[torch.Tensor, Routing]:
-    """MoELayer.forward with the router replaced by norm-based top-K selection (K = router top_k)."""
+def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str,
+                       valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+    """MoELayer.forward with the router replaced by norm-based top-K selection (K = router top_k).
+    The study runs unpadded text; a padding mask is refused rather than routed."""
+    if valid_BT is not None and not bool(valid_BT.all()):
+        raise ConfigError("attention_mask", "padding", "the routerless study runs on unpadded sequences")
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     ex, K = layer.experts, layer.router_cfg.top_k
@@ -125,7 +129,7 @@ def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str) -> tupl
     # the norms stand in for router logits, so layer metrics describe the routerless selection
     routing = Routing.from_topk(idx_TK, weight_TK, norms_TE, norms_TE.softmax(dim=-1))
     if layer.record_stats:
-        layer._record(routing, routing, T, None)
+        layer._record(routing, routing, TokenLayout.dense(B, T, x_TD.device), None)
     return out_TD.view(B, T, D), routing
 
 
@@ -142,7 +146,8 @@ def routerless(model, node: str = "act_x_Wg", norm: str = "l2"):
     try:
         for layer in layers:
             saved.append((layer, layer.__dict__.get("forward", _MISSING)))
-            layer.forward = lambda x_BTD, _layer=layer: routerless_forward(_layer, x_BTD, node, norm)
+            layer.forward = lambda x_BTD, valid_BT=None, _layer=layer: routerless_forward(_layer, x_BTD, node, norm,
+                                                                                         valid_BT)
         yield model
     finally:
         for layer, prev in reversed(saved):
