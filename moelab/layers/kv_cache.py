@@ -28,6 +28,7 @@ class LayerKVCache:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None  # (B, cap) bool
+        self.padded = False  # any cached position is padding (else validity is not returned: no mask work)
         self.length = 0
 
     @property
@@ -54,9 +55,11 @@ class LayerKVCache:
         self._k[:, :, self.length:end] = k_BGTD
         self._v[:, :, self.length:end] = v_BGTD
         self._valid[:, self.length:end] = True if valid_BT is None else valid_BT
+        if valid_BT is not None and not self.padded:  # a host sync only when masks are in use
+            self.padded = not bool(valid_BT.all())
         self.length = end
         k_pos_S = torch.arange(end, device=k_BGTD.device)
-        return self.k, self.v, k_pos_S, self._valid[:, :end]
+        return self.k, self.v, k_pos_S, self._valid[:, :end] if self.padded else None
 
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (speculative decoding rejects drafted tokens)."""
@@ -76,6 +79,7 @@ class RollingKVCache:
         self._v: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None  # (window,) long, -1 = empty
         self._valid: torch.Tensor | None = None  # (B, window) bool
+        self.padded = False
         self.length = 0  # positions seen so far (not stored: at most `window` are)
 
     def update(self, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor, valid_BT: torch.Tensor | None = None):
@@ -86,6 +90,8 @@ class RollingKVCache:
             self._v = v_BGTD.new_zeros(B, G, W, v_BGTD.shape[3])
             self._pos = torch.full((W,), -1, dtype=torch.long, device=dev)
             self._valid = torch.zeros(B, W, dtype=torch.bool, device=dev)
+        if valid_BT is not None and not self.padded:
+            self.padded = not bool(valid_BT.all())
         valid_BT = torch.ones(B, T, dtype=torch.bool, device=dev) if valid_BT is None else valid_BT
         new_pos_T = torch.arange(self.length, self.length + T, device=dev)
         # the new queries see the ring (the previous W positions) and the chunk itself
@@ -100,7 +106,7 @@ class RollingKVCache:
         self._pos[slots] = new_pos_T[-keep:]
         self._valid[:, slots] = valid_BT[:, -keep:]
         self.length += T
-        return k_all, v_all, pos_all, valid_all
+        return k_all, v_all, pos_all, valid_all if self.padded else None  # empty slots: position -1
 
     def truncate(self, length: int) -> None:
         raise NotImplementedError("a rolling cache cannot roll back (its old keys are overwritten); "
