@@ -140,3 +140,21 @@ def test_inductor_compiled_decoding_equals_eager():
     compiled.compile_blocks(dynamic=True)
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
     assert torch.equal(generate_ids(compiled, prompt, 12), generate_ids(eager, prompt, 12))
+
+
+def test_a_cached_decode_step_of_a_block_has_no_graph_break():
+    """Unpadded decoding: no host sync in attention (cache validity is not consulted without padding)
+    and the gathered expert path, so dynamo captures a whole block as one graph."""
+    from moelab.layers.rope import model_rope_cos_sin
+
+    torch.manual_seed(0)
+    model = build_model(small_config()).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 5)), cache=cache)
+        block = model.blocks[0]
+        pos = torch.tensor([5])
+        cos, sin = model_rope_cos_sin(model.config, pos, 6)
+        x = torch.randn(1, 1, model.config.d_model)
+        explained = torch._dynamo.explain(block)(x, cos, sin, pos, cache.layers[0])
+    assert explained.graph_break_count == 0, [b.reason[:120] for b in explained.break_reasons]
