@@ -51,7 +51,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def _check(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, stop_strings: Sequence[str],
-           tokenizer, prefill_chunk: int | None) -> None:
+           tokenizer, prefill_chunk: int | None, stream) -> None:
     if not prompts:
         raise ConfigError("prompts", [], "give at least one prompt")
     limit = model.config.max_seq_len
@@ -68,6 +68,8 @@ def _check(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int,
         raise ConfigError("stop_strings", list(stop_strings), "stop strings are matched on text: pass the tokenizer")
     if any(not s for s in stop_strings):
         raise ConfigError("stop_strings", list(stop_strings), "an empty stop string would stop at once; remove it")
+    if stream is not None and tokenizer is None:
+        raise ConfigError("stream", "set", "streaming emits text: pass the tokenizer")
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise ConfigError("prefill_chunk", prefill_chunk, "must be a positive number of tokens (None: one pass)")
 
@@ -84,14 +86,17 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
     its text contains one (the text is cut right before it). ``stream(row, text)`` receives each
     row's new text as soon as it is certain (held back while it could still become a stop string or
     an unfinished UTF-8 character). ``prefill_chunk``: run prompts through the cache that many tokens
-    at a time. ``rolling_cache``: sliding-window layers keep only their window (constant memory)."""
+    at a time. ``rolling_cache``: sliding-window layers keep only their window (constant memory).
+    A batch shares one cache index: every row can generate max_seq_len - (longest prompt) tokens
+    (finish_reason "context" when that cut a row short). ``token_ids`` and ``logprobs`` keep the
+    token that completed a stop string; ``text`` ends before the string."""
     model.eval()
     if any(isinstance(p, str) for p in prompts):
         if tokenizer is None:
             raise ConfigError("prompts", "text", "text prompts need the tokenizer (pass tokenizer=...)")
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     prompts = [list(p) for p in prompts]
-    _check(model, prompts, max_new_tokens, stop_strings, tokenizer, prefill_chunk)
+    _check(model, prompts, max_new_tokens, stop_strings, tokenizer, prefill_chunk, stream)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_id] if tokenizer is not None else []
     stops = set(stop_ids)
@@ -105,8 +110,10 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(rolling=rolling_cache)
     chunk = prefill_chunk or T0
+    # without any padding the mask is left out: no mask work and no host sync per layer and step
+    padded = any(len(p) < T0 for p in prompts)
     for a in range(0, T0, chunk):
-        out = model(ids_BT[:, a:a + chunk], cache=cache, attention_mask=mask_BT[:, :a + chunk])
+        out = model(ids_BT[:, a:a + chunk], cache=cache, attention_mask=mask_BT[:, :a + chunk] if padded else None)
     logits_BV = out.logits[:, -1]
     done = [Completion(p) for p in prompts]
     active = [True] * B
@@ -140,8 +147,10 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
         # rows that stopped feed padding: masked, so they no longer route or take capacity
         next_BT = torch.tensor([[tokens[b] if active[b] else pad_id] for b in range(B)], device=dev)
         mask_BT = torch.cat([mask_BT, torch.tensor([[int(a)] for a in active], device=dev)], dim=1)
-        logits_BV = model(next_BT, cache=cache, attention_mask=mask_BT).logits[:, -1]
-    for b, c in enumerate(done):
-        if active[b] and len(prompts[b]) + len(c.token_ids) >= model.config.max_seq_len:
+        padded = padded or not all(active)
+        logits_BV = model(next_BT, cache=cache, attention_mask=mask_BT if padded else None).logits[:, -1]
+    for c, a in zip(done, active):
+        # a batch is as long as its longest prompt: every row stops at max_seq_len - T0 new tokens
+        if a and len(c.token_ids) < max_new_tokens:
             c.finish_reason = "context"
     return done

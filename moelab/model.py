@@ -188,8 +188,11 @@ class MoETransformer(nn.Module):
                 prev_BT = torch.cat([mask_BS[:, start - 1:start] if start else valid_BT[:, :1] & False,
                                      valid_BT[:, :-1]], dim=1)
                 labels = labels.masked_fill(~(valid_BT & prev_BT), -100)
+        seq_len = start + T
+        if attention_mask is not None and self.config.attention.rope_type == "longrope":
+            seq_len = int(attention_mask.sum(1).max())  # LongRoPE's scale follows the real length, not padding
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T if rope_positions is None else rope_positions,
-                                            seq_len=start + T)  # (T, Dh) each, or (B, T, Dh)
+                                            seq_len=seq_len)  # (T, Dh) each, or (B, T, Dh)
         x_BTD = self.embed_tokens(input_ids)
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
@@ -247,7 +250,11 @@ class MoETransformer(nn.Module):
                 for name, value in routing.aux_losses.items():
                     key = f"mtp_{name}"
                     aux[key] = aux[key] + value if key in aux else value
-            losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels[:, k:], 1))
+            labels_k = labels[:, k:]
+            if valid is not None:  # a target counts only when the position predicting it is real too
+                labels_k = labels_k.clone()
+                labels_k[:, 1:] = labels_k[:, 1:].masked_fill(~valid[:, :-1], -100)
+            losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels_k, 1))
         return losses
 
     def mtp_logits(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, start: int,

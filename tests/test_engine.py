@@ -90,6 +90,30 @@ def test_padded_positions_change_no_loss_metric_or_bias(router):
         assert met_a[0]["capacity"] == model.moe_layers()[0].capacity(real)
 
 
+def test_mtp_loss_ignores_padding():
+    from moelab.config import MTPConfig
+
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.mtp = MTPConfig(num_modules=2)
+    model = build_model(ModelConfig.from_dict(cfg.to_dict()))
+    ids = torch.randint(1, 64, (1, 8))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], dim=1)
+    a, b = model(ids, labels=ids), model(padded, labels=padded, attention_mask=mask)
+    torch.testing.assert_close(torch.stack(b.mtp_losses), torch.stack(a.mtp_losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_context_limit_of_a_mixed_batch_is_reported():
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg.max_seq_len = 16
+    model = build_model(ModelConfig.from_dict(cfg.to_dict())).eval()
+    out = generate_batch(model, _prompts((3, 14)), 10)
+    assert [len(c.token_ids) for c in out] == [2, 2] and [c.finish_reason for c in out] == ["context"] * 2
+
+
 def test_padded_training_batch_loss_ignores_padding():
     torch.manual_seed(0)
     model = build_model(small_config())
@@ -185,6 +209,8 @@ def test_engine_bad_input():
         generate_batch(model, [[1, 2]], 4, stop_strings=["x"])
     with pytest.raises(ConfigError, match="stop_strings"):
         generate_batch(model, [[1, 2]], 4, tokenizer=_tokenizer(), stop_strings=[""])
+    with pytest.raises(ConfigError, match="stream"):
+        generate_batch(model, [[1, 2]], 4, stream=lambda row, piece: None)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate_batch(model, [[1, 2]], 0)
     cfg = small_config().to_dict()

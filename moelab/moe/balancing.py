@@ -153,7 +153,7 @@ def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, exp
             mine_A = seq_A == b
             losses.append(loss_fn(probs_TE[start:start + n], token_idx_A[mine_A] - start, expert_idx_A[mine_A]))
         start += n
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if losses else probs_TE.sum() * 0.0  # no sequence has a routed token
 
 
 def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayout) -> None:
