@@ -1,6 +1,7 @@
 """Expert parallelism on torch.distributed (gloo, 2 processes spawned from the test): forward and
 backward equal the single-process MoE layer for each token-choice router family."""
 
+import datetime
 import os
 import socket
 
@@ -40,10 +41,11 @@ def _inputs(rank: int):
     return torch.randn(2, 8, 32, generator=g), torch.randn(2, 8, 32, generator=g)
 
 
-def _ep_worker(rank: int, world: int, port: int, router_name: str) -> None:
+def _ep_worker(rank: int, world: int, port: int, router_name: str, done_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
+    ok = False
     try:
         from moelab.distributed.expert_parallel import apply_expert_parallel
 
@@ -83,11 +85,22 @@ def _ep_worker(rank: int, world: int, port: int, router_name: str) -> None:
         with torch.no_grad():
             x1 = x[:1, :1]
             torch.testing.assert_close(ep(x1)[0], ref(x1)[0], rtol=1e-5, atol=1e-5)
+        ok = True
     finally:
+        if ok:  # every rank done with its collectives before any tears the group down
+            dist.barrier()
+            open(os.path.join(done_dir, f"ok_{rank}"), "w").close()
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("router_name", list(ROUTERS))
-def test_expert_parallel_equals_single_process(router_name):
-    mp.spawn(_ep_worker, args=(2, _free_port(), router_name), nprocs=2, join=True)
+def test_expert_parallel_equals_single_process(router_name, tmp_path):
+    try:
+        mp.spawn(_ep_worker, args=(2, _free_port(), router_name, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # NOTE: gloo's teardown occasionally aborts a process ("terminate called without an active
+        # exception") after every assertion passed and every rank left the final barrier; that is a
+        # crash in process-group destruction, not a wrong result. Anything earlier fails the test.
+        if not all((tmp_path / f"ok_{r}").exists() for r in range(2)):
+            raise

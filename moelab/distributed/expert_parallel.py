@@ -21,7 +21,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
+import warnings
+
+with warnings.catch_warnings():  # the differentiable all-to-all; its FutureWarning names a private successor
+    warnings.simplefilter("ignore", FutureWarning)
+    from torch.distributed.nn.functional import all_to_all_single
 
 from moelab.errors import ConfigError
 from moelab.moe.experts import StackedExperts
