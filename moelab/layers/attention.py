@@ -34,9 +34,9 @@ def attention_mask(q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, window: int | N
                    k_valid_BS: torch.Tensor | None) -> torch.Tensor:
     """(T, S), or (B, 1, T, S) with padding: the causal / window mask, padded keys removed. A query
     left with no key (a left-pad position) keeps its own key, so its softmax stays finite; its
-    output is never used."""
+    output is never used. Callers pass ``k_valid_BS=None`` when nothing is padded (no mask work)."""
     mask_TS = causal_mask(q_pos_T, k_pos_S, window)
-    if k_valid_BS is None or bool(k_valid_BS.all()):
+    if k_valid_BS is None:
         return mask_TS
     mask_BTS = mask_TS[None] & k_valid_BS[:, None, :]
     own_TS = q_pos_T[:, None] == k_pos_S[None, :]

@@ -37,8 +37,30 @@ class TokenLayout:
     pad takes no capacity and counts in no loss, load or bias update."""
 
     lens: list[int]  # routed tokens per sequence
-    pos_T: torch.Tensor  # (T,) long, position of each routed token within its sequence (0-based)
-    seq_T: torch.Tensor  # (T,) long, its sequence
+    _pos_T: torch.Tensor | None = None  # set by from_mask; derived on first use for dense layouts
+    _seq_T: torch.Tensor | None = None
+    device: torch.device | str | None = None
+
+    @property
+    def pos_T(self) -> torch.Tensor:
+        """(T,) long, position of each routed token within its sequence (0-based)."""
+        if self._pos_T is None:
+            self._dense_indices()
+        return self._pos_T
+
+    @property
+    def seq_T(self) -> torch.Tensor:
+        """(T,) long, the sequence of each routed token."""
+        if self._seq_T is None:
+            self._dense_indices()
+        return self._seq_T
+
+    def _dense_indices(self) -> None:
+        # dense layouts only: built when a per-sequence loss, position priority or metric asks, so a
+        # forward that needs none of them (decoding) pays nothing
+        S = self.lens[0] if self.lens else 0
+        t = torch.arange(S * len(self.lens), device=self.device)
+        self._pos_T, self._seq_T = (t % S, t // S) if S else (t, t)
 
     @property
     def num_seqs(self) -> int:
@@ -50,8 +72,7 @@ class TokenLayout:
 
     @classmethod
     def dense(cls, num_seqs: int, seq_len: int, device=None) -> TokenLayout:
-        t = torch.arange(num_seqs * seq_len, device=device)
-        return cls([seq_len] * num_seqs, t % seq_len, t // seq_len)
+        return cls([seq_len] * num_seqs, device=device)
 
     @classmethod
     def from_mask(cls, mask_BT: torch.Tensor) -> TokenLayout:
@@ -60,15 +81,14 @@ class TokenLayout:
         B, T = mask_BT.shape
         pos_BT = mask_BT.long().cumsum(1) - 1
         seq_BT = torch.arange(B, device=mask_BT.device)[:, None].expand(B, T)
-        return cls(mask_BT.sum(1).tolist(), pos_BT[mask_BT], seq_BT[mask_BT])
+        return cls(mask_BT.sum(1).tolist(), pos_BT[mask_BT], seq_BT[mask_BT], mask_BT.device)
 
     @classmethod
     def of(cls, layout: TokenLayout | int, num_tokens: int, device=None) -> TokenLayout:
         """Accept a layout or a plain sequence length (dense sequences of that length)."""
         if isinstance(layout, TokenLayout):
             return layout
-        return cls.dense(max(num_tokens // layout, 1), layout, device) if num_tokens else cls([], *(
-            torch.zeros(0, dtype=torch.long, device=device),) * 2)
+        return cls.dense(max(num_tokens // layout, 1) if num_tokens else 0, layout, device)
 
 
 @dataclass
