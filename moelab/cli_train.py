@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ TRAIN_EPILOG = """examples:
   moelab train --preset tiny --steps 300 --out runs/tiny
   moelab train --config run.yaml --out runs/exp1 --lr 1e-3 --model.moe.router.top-k 1
   moelab train --resume runs/tiny --steps 600     # continue exactly where it stopped
+  moelab train --preset tiny --nproc 2 --ep 2 --out runs/ep2   # 2 processes, experts split over both
+  torchrun --nproc-per-node 8 -m moelab.train --preset deepseek-v3-tiny --ep 8 --out runs/ds  # same, by hand
 
 Every field of the run config is a flag; `moelab train --help` lists them all below."""
 
@@ -34,6 +37,10 @@ def register(sub, formatter) -> None:
     p.add_argument("--analyze", action="store_true",
                    help="end with `moelab analyze` of the final checkpoint on the run's data (RUN/analysis/)")
     p.add_argument("--analyze-tokens", type=int, default=100_000, help="tokens for --analyze")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (runs torchrun; gloo on CPU, NCCL on GPUs); the global batch "
+                        "and the losses stay those of one process (docs/distributed.md)")
+    p.add_argument("--ep", type=int, help="expert-parallel size, short for --parallel.ep")
     p.set_defaults(func=cmd_train, allow_extra=True, parser=p)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint or run", formatter_class=formatter,
@@ -111,13 +118,27 @@ def cmd_train(args, extra: list[str]) -> int:
         print("\nconfig flags:")
         parse_train_config(argparse.Namespace(resume=None, config=None, preset=None, out=None), ["--help"])
         return 0
+    from moelab.distributed.runtime import launched_world_size
     from moelab.train import train
 
+    if args.ep is not None:
+        extra = [*extra, "--parallel.ep", str(args.ep)]
     cfg = parse_train_config(args, extra)
     run_dir = args.resume or args.out
     if not run_dir:
         raise MoelabError("train needs --out RUN_DIR (or --resume RUN_DIR)")
-    result = train(cfg, run_dir, resume=bool(args.resume))
+    if args.nproc < 1:
+        raise ConfigError("--nproc", args.nproc, "must be >= 1")
+    world = launched_world_size()
+    if args.nproc > 1 and world == 1:
+        cfg.parallel.mesh_shape(args.nproc, cfg.model.moe.num_experts if cfg.model.moe else None)  # fail early
+        return _launch(args)
+    if world > 1:
+        result = _train_rank(cfg, run_dir, bool(args.resume))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    else:
+        result = train(cfg, run_dir, resume=bool(args.resume))
     print(f"trained to step {result.final_step}: val loss {result.val.get('val_loss', float('nan')):.4f} "
           f"(ppl {result.val.get('val_ppl', float('nan')):.2f}); unigram entropy {result.unigram_entropy:.4f} nats")
     if args.report:
@@ -133,6 +154,51 @@ def cmd_train(args, extra: list[str]) -> int:
                     progress=cfg.progress, seed=cfg.seed)
         print(f"analysis: {r['report']}")
     return 0
+
+
+def _launch(args) -> int:
+    """Re-run this command on ``--nproc`` processes with torchrun (one machine, c10d rendezvous on a
+    free port); a failing rank stops them all and the exit status is non-zero."""
+    import subprocess
+
+    argv = list(args.argv)
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    n = args.nproc
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "--max-restarts=0", "-m", "moelab.cli", *rest]
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+        raise MoelabError(f"training on {n} processes stopped (torchrun exit status {rc}); the failing rank's "
+                          "error is printed above (every other rank was stopped)")
+    return 0
+
+
+def _train_rank(cfg, run_dir, resume: bool):
+    """One rank of a torchrun launch: errors name the rank; a lost peer is reported as such."""
+    from moelab.train import train
+
+    rank = os.environ.get("RANK", "?")
+    try:
+        return train(cfg, run_dir, resume=resume)
+    except MoelabError as e:
+        raise MoelabError(f"[rank {rank}] {e}") from e
+    except RuntimeError as e:  # gloo / NCCL: a peer died or a collective timed out
+        if "Timed out" in str(e) or "timeout" in str(e).lower():
+            why = f"a collective timed out after parallel.timeout_s={cfg.parallel.timeout_s:g} s (a rank hangs)"
+        elif any(w in str(e) for w in ("Connection", "closed", "reset by peer", "Broken pipe", "NCCL")):
+            why = "another rank stopped (its own error is above)"
+        else:
+            raise
+        raise MoelabError(f"[rank {rank}] {why}: {str(e).splitlines()[0]}") from e
 
 
 def cmd_generate(args) -> int:

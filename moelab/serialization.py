@@ -104,9 +104,15 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
     if not (directory / CONFIG).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG}; not a moelab model or checkpoint directory")
     cfg = load_config(directory / CONFIG)
-    state = read_weights(directory / WEIGHTS)
-    model = build_model(cfg, device=device)
-    load_state_strict(model, state, str(directory / WEIGHTS))
+    if not (directory / WEIGHTS).is_file() and (directory / "dcp").is_dir():  # saved by a multi-process run
+        from moelab.distributed.checkpoint import load_distributed_checkpoint
+
+        model = build_model(cfg, device=device)
+        load_distributed_checkpoint(directory, model)
+    else:
+        state = read_weights(directory / WEIGHTS)
+        model = build_model(cfg, device=device)
+        load_state_strict(model, state, str(directory / WEIGHTS))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

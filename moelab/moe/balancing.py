@@ -8,11 +8,45 @@ Shape legend: T tokens, E experts, A assignments, B sequences, S positions per s
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from moelab.config import RouterConfig
 from moelab.moe.routing import Routing, TokenLayout, count_ids
+
+
+class _Statistics:
+    """Where the count (f) terms of the batch-wide losses come from. By default the local batch;
+    under data parallelism :func:`global_statistics` sums them over every rank's micro-batch, so each
+    rank's loss uses the global batch's f and the mean of the ranks' losses (what data-parallel
+    gradient averaging optimises) equals the single-process loss of the global batch."""
+
+    group = None  # a torch.distributed process group, or None: local statistics
+    local_depth = 0  # > 0 inside per-sequence losses, whose statistics are per sequence by definition
+
+
+@contextmanager
+def global_statistics(group):
+    previous, _Statistics.group = _Statistics.group, group
+    try:
+        yield
+    finally:
+        _Statistics.group = previous
+
+
+def _summed(*values: torch.Tensor | float) -> list[torch.Tensor]:
+    """The values summed over the statistics group's ranks (unchanged without one); no gradient."""
+    out = [torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in values]
+    if _Statistics.group is None or _Statistics.local_depth:
+        return out
+    import torch.distributed as dist
+
+    sizes = [t.numel() for t in out]
+    buf = torch.cat([t.reshape(-1).to(out[0].device) for t in out])
+    dist.all_reduce(buf, group=_Statistics.group)
+    return [chunk.view_as(t) for chunk, t in zip(buf.split(sizes), out)]
 
 
 def expert_counts(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -35,7 +69,8 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor)
     a gradient. (HF's ``load_balancing_loss_func`` sums over K instead and equals K at balance.)
     """
     num_experts = probs_TE.shape[-1]
-    f_E = expert_counts(expert_idx_A, num_experts) / max(expert_idx_A.numel(), 1)
+    counts_E, A = _summed(expert_counts(expert_idx_A, num_experts), expert_idx_A.numel())
+    f_E = counts_E / A.clamp_min(1)
     P_E = probs_TE.float().mean(dim=0)
     return num_experts * torch.sum(f_E.detach() * P_E)
 
@@ -83,7 +118,8 @@ def expert_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_
     (1 for every expert at uniform routing) and P_i = (1/T) sum_t s_{i,t}; equals 1 at balance.
     With A = T*K assignments this is exactly the Switch loss."""
     T, E = probs_TE.shape
-    f_E = expert_counts(expert_idx_A, E) * (E / (top_k * max(T, 1)))
+    counts_E, T_all = _summed(expert_counts(expert_idx_A, E), T)
+    f_E = counts_E * (E / top_k) / T_all.clamp_min(1)
     return torch.sum(f_E.detach() * probs_TE.float().mean(dim=0))
 
 
@@ -97,7 +133,8 @@ def device_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_
     sum_d f'_d P'_d with f'_d = mean_{j in d} f_j (f as in :func:`expert_balance_loss`) and
     P'_d = sum_{j in d} P_j. Equals 1 at balance."""
     T, E = probs_TE.shape
-    f_E = expert_counts(expert_idx_A, E) * (E / (top_k * max(T, 1)))
+    counts_E, T_all = _summed(expert_counts(expert_idx_A, E), T)
+    f_E = counts_E * (E / top_k) / T_all.clamp_min(1)
     f_G = _group_sums(f_E, num_groups) / (E // num_groups)
     P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
     return torch.sum(f_G.detach() * P_G)
@@ -112,7 +149,8 @@ def comm_balance_loss(probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_
     group_A = expert_idx_A // (E // num_groups)
     sent_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=probs_TE.device)
     sent_TG[token_idx_A, group_A] = True
-    f_G = sent_TG.float().sum(dim=0) * (num_groups / (groups_per_token * max(T, 1)))
+    sent_G, T_all = _summed(sent_TG.float().sum(dim=0), T)
+    f_G = sent_G * (num_groups / groups_per_token) / T_all.clamp_min(1)
     P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
     return torch.sum(f_G.detach() * P_G)
 
@@ -148,19 +186,41 @@ def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, exp
     layout = TokenLayout.of(seq_len, probs_TE.shape[0], probs_TE.device)
     seq_A = layout.seq_T[token_idx_A]
     losses, start = [], 0
-    for b, n in enumerate(layout.lens):
-        if n:
-            mine_A = seq_A == b
-            losses.append(loss_fn(probs_TE[start:start + n], token_idx_A[mine_A] - start, expert_idx_A[mine_A]))
-        start += n
+    _Statistics.local_depth += 1  # a sequence's own statistics, never summed over ranks
+    try:
+        for b, n in enumerate(layout.lens):
+            if n:
+                mine_A = seq_A == b
+                losses.append(loss_fn(probs_TE[start:start + n], token_idx_A[mine_A] - start, expert_idx_A[mine_A]))
+            start += n
+    finally:
+        _Statistics.local_depth -= 1
     return torch.stack(losses).mean() if losses else probs_TE.sum() * 0.0  # no sequence has a routed token
 
 
-def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayout) -> None:
+def devices_per_token(cfg: RouterConfig, devices: int) -> int:
+    """The most devices (of ``devices`` holding contiguous, equal expert ranges) one token's experts
+    can span: group-limited routing keeps ``topk_groups`` of ``n_group`` groups, and a group covers
+    ``devices / n_group`` devices when groups are larger than devices."""
+    K = cfg.top_k
+    if cfg.n_group <= 1:
+        return min(K, devices)
+    if cfg.n_group >= devices:
+        return min(cfg.topk_groups, devices, K)
+    return min(cfg.topk_groups * (devices // cfg.n_group), devices, K)
+
+
+def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayout,
+                   devices: int | None = None) -> None:
     """Every balance loss whose coefficient is > 0 (``cfg.loss_coefs()``: set, or the router family's
     default), times that coefficient, into ``routing.aux_losses`` under its own name. Losses a router already put there are kept.
-    Computed on the router's choices before any capacity dropping (as Switch does)."""
+    Computed on the router's choices before any capacity dropping (as Switch does).
+
+    ``devices``: the real number of expert-parallel ranks holding the experts (contiguous ranges);
+    DeepSeek's device-level and communication losses then count those devices instead of the
+    config's ``n_group`` groups."""
     E, K = routing.num_experts, cfg.top_k
+    D, M = (cfg.n_group, cfg.topk_groups) if devices is None else (devices, devices_per_token(cfg, devices))
     coefs = cfg.loss_coefs()  # explicit values, else the router family's paper defaults
 
     def scoped(loss_fn):  # (probs_TE, token_idx_A, expert_idx_A) -> loss, over the batch or per sequence
@@ -177,9 +237,9 @@ def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayo
         "expert_balance": (coefs["expert_balance"], lambda: scoped(
             lambda p, t, e: expert_balance_loss(p, e, K))),
         "device_balance": (coefs["device_balance"], lambda: scoped(
-            lambda p, t, e: device_balance_loss(p, e, K, cfg.n_group))),
+            lambda p, t, e: device_balance_loss(p, e, K, D))),
         "comm_balance": (coefs["comm_balance"], lambda: scoped(
-            lambda p, t, e: comm_balance_loss(p, t, e, cfg.n_group, cfg.topk_groups))),
+            lambda p, t, e: comm_balance_loss(p, t, e, D, M))),
         "seq_balance": (coefs["seq_balance"], lambda: sequence_balance_loss(
             routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len, K)),
     }

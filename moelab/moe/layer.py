@@ -57,6 +57,8 @@ class MoELayer(nn.Module):
         self._pending: tuple | None = None
         self._metrics: dict | None = None
         self.record_stats = True
+        # expert-parallel ranks holding the experts (set by moelab.distributed); None: one device
+        self.device_groups: int | None = None
         self.register_buffer("load_accum_E", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -99,7 +101,7 @@ class MoELayer(nn.Module):
         else:
             layout = TokenLayout.dense(B, T, x_TD.device)
         routing = self.route(x_TD)
-        add_aux_losses(self.router_cfg, routing, seq_len=layout)
+        add_aux_losses(self.router_cfg, routing, seq_len=layout, devices=self.device_groups)
         capacity = self.capacity(x_TD.shape[0])
         kept = routing
         if capacity is not None:

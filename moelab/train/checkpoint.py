@@ -25,6 +25,8 @@ CHECKPOINTS = "checkpoints"
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 REQUIRED = (CONFIG, WEIGHTS, "run_config.yaml", "tokenizer.json", STATE_PT, STATE_JSON)
+# a multi-process run's checkpoint (moelab.distributed.checkpoint): DCP shards instead of the two files
+REQUIRED_DCP = (CONFIG, "dcp/.metadata", "run_config.yaml", "tokenizer.json", STATE_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -50,8 +52,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return dirs[-1]
 
 
+def is_distributed(ckpt: Path) -> bool:
+    return (Path(ckpt) / "dcp").is_dir()
+
+
 def check_complete(ckpt: Path) -> None:
-    missing = [name for name in REQUIRED if not (ckpt / name).is_file()]
+    ckpt = Path(ckpt)
+    missing = [name for name in (REQUIRED_DCP if is_distributed(ckpt) else REQUIRED) if not (ckpt / name).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt}: checkpoint is missing {', '.join(missing)}; "
                               "resume from an earlier checkpoint (delete this one) or retrain")

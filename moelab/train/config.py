@@ -20,8 +20,60 @@ from moelab.presets import tiny
 
 RUN_CONFIG = "config.yaml"  # the resolved run config in a run directory
 
-# Fields that may change when a run is resumed: they do not change the computation of past steps.
-RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress")
+# Fields that may change when a run is resumed: they do not change the computation of past steps
+# (the parallel layout included: distributed checkpoints reshard to any layout).
+RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress", "parallel")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run launched on several processes (``moelab train --nproc N`` or ``torchrun``) splits its
+    work; ignored in a single process. Every rank takes ``batch_size / world`` rows of each global
+    micro-batch, so the losses equal one process training on the same global batch.
+
+    The ranks form a 2-D mesh (dp, ep) with dp * ep = world: the experts of every MoE layer are split
+    over the ``ep`` ranks of a row, the rest of the model over all ranks."""
+
+    ep: int = 1  # expert-parallel ranks: each keeps num_experts / ep experts of every MoE layer
+    dp: int = 0  # data-parallel rows of the mesh; 0: world / ep
+    # "fsdp": FSDP2 shards parameters, gradients and optimizer state (experts over dp, the rest over
+    # every rank); "replicate": every rank keeps whole parameters and gradients are all-reduced (DDP)
+    shard: str = "fsdp"
+    param_dtype: str = "float32"  # FSDP2 mixed precision: compute dtype of the gathered parameters
+    reduce_dtype: str = "float32"  # ... and dtype of the gradient reduce-scatter
+    reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (ZeRO-3 style)
+    timeout_s: float = 300.0  # a collective waiting longer than this fails every rank (a dead peer)
+    backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+
+    def __post_init__(self) -> None:
+        if self.ep < 1:
+            raise ConfigError("parallel.ep", self.ep, "must be >= 1")
+        if self.dp < 0:
+            raise ConfigError("parallel.dp", self.dp, "must be >= 0 (0: world size / ep)")
+        if self.shard not in ("fsdp", "replicate"):
+            raise ConfigError("parallel.shard", self.shard, "must be 'fsdp' or 'replicate'")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"parallel.{name}", getattr(self, name), f"must be one of {', '.join(DTYPES)}")
+        if not self.timeout_s > 0:
+            raise ConfigError("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError("parallel.backend", self.backend, "must be auto, gloo or nccl")
+
+    def mesh_shape(self, world: int, num_experts: int | None) -> tuple[int, int]:
+        """(dp, ep) for ``world`` ranks, validated against the world size and the expert count."""
+        if world % self.ep:
+            raise ConfigError("parallel.ep", self.ep, f"must divide the world size {world} (--nproc)")
+        if self.ep > 1 and num_experts is None:
+            raise ConfigError("parallel.ep", self.ep, "needs an MoE model (model.moe is not set)")
+        if num_experts is not None and num_experts % self.ep:
+            raise ConfigError("parallel.ep", self.ep, f"must divide model.moe.num_experts={num_experts}")
+        dp = self.dp or world // self.ep
+        if dp * self.ep != world:
+            raise ConfigError("parallel.dp", self.dp, f"dp x ep = {dp} x {self.ep} must equal the world size {world}")
+        return dp, self.ep
 
 
 @dataclass
@@ -52,10 +104,13 @@ class TrainConfig:
     # torch.compile every block (MoETransformer.compile_blocks): the first steps pay the compile
     # time; results equal eager within fp32 tolerance, not bit for bit
     compile: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.parallel, dict):
+            self.parallel = _from_dict(ParallelConfig, self.parallel, "parallel")
         mtp = self.model.mtp
         if mtp is not None and self.seq_len < mtp.num_modules + 2:
             raise ConfigError("model.mtp.num_modules", mtp.num_modules,
@@ -75,7 +130,8 @@ class TrainConfig:
             raise ConfigError("seq_len", self.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "parallel")}
+        d["parallel"] = dataclasses.asdict(self.parallel)
         d["model"] = self.model.to_dict()
         return d
 
@@ -109,3 +165,8 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 
     walk(a.to_dict(), b.to_dict(), "")
     return out
+
+
+def non_resumable(differences: list[str]) -> list[str]:
+    """The differences a resume may not make (fields outside RESUMABLE_FIELDS and their subfields)."""
+    return [d for d in differences if d.split(".")[0] not in RESUMABLE_FIELDS]

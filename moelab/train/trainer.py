@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +23,28 @@ from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
 from moelab.data import PackedData, unigram_entropy
 from moelab.errors import ConfigError, MoelabError
 from moelab.model import MoETransformer, build_model
-from moelab.moe.balancing import update_router_biases
+from moelab.distributed.expert_parallel import expert_parallel_layers
+from moelab.moe.balancing import global_statistics, update_router_biases
 from moelab.serialization import load_state_strict, read_weights
+from moelab.distributed.runtime import (
+    check_batch,
+    clip_grad_norm,
+    init_from_env,
+    launched_world_size,
+    parallelize,
+    shutdown,
+    sync_gradients,
+)
 from moelab.train.checkpoint import (
     DataPosition,
+    is_distributed,
     latest_checkpoint,
     load_trainer_state,
     restore_rng,
     save_checkpoint,
 )
-from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences
+from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
+from moelab.train.faults import maybe_inject_fault
 from moelab.train.metrics import MetricsLog, load_stats
 
 METRICS = "metrics.jsonl"
@@ -89,14 +102,17 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batches: int) -> dict:
+def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batches: int, env=None) -> dict:
     """Validation loss and perplexity, overall and per domain of the predicted token, on
-    ``batch_size * max_batches`` rows evenly spaced over the validation set (all rows if fewer)."""
+    ``batch_size * max_batches`` rows evenly spaced over the validation set (all rows if fewer).
+    ``env`` (multi-process): every rank scores an equal share of each batch (a batch that does not
+    split evenly is scored whole by every rank) and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     n_dom = len(data.domains)
     loss_sum = torch.zeros(n_dom, dtype=torch.float64)
     count = torch.zeros(n_dom, dtype=torch.float64)
+    shared_sum, shared_count = torch.zeros_like(loss_sum), torch.zeros_like(count)  # split over ranks
     n = len(data.input_ids)
     rows = min(n, batch_size * max_batches)
     # Rows evenly spaced over the validation set: documents are stored domain by domain, so the first
@@ -104,6 +120,10 @@ def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batch
     pick = torch.linspace(0, n - 1, rows).round().long() if rows < n else torch.arange(n)
     for start in range(0, rows, batch_size):
         idx = pick[start:start + batch_size]
+        split = env is not None and len(idx) % env.world == 0
+        if split:
+            n_local = len(idx) // env.world
+            idx = idx[env.rank * n_local:(env.rank + 1) * n_local]
         ids, labels, dom = data.input_ids[idx], data.labels[idx], data.domain_ids[idx]
         logits = model(ids).logits[:, :-1].float()
         target, target_dom = labels[:, 1:], dom[:, 1:]
@@ -111,8 +131,12 @@ def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batch
                              ignore_index=-100, reduction="none").double()
         valid = (target.reshape(-1) != -100) & (target_dom.reshape(-1) >= 0)
         d = target_dom.reshape(-1)[valid]
-        loss_sum.index_add_(0, d, ce[valid])
-        count.index_add_(0, d, torch.ones_like(ce[valid]))
+        (shared_sum if split else loss_sum).index_add_(0, d, ce[valid])
+        (shared_count if split else count).index_add_(0, d, torch.ones_like(ce[valid]))
+    if env is not None:
+        env.all_reduce(shared_sum)
+        env.all_reduce(shared_count)
+    loss_sum, count = loss_sum + shared_sum, count + shared_count
     model.train(was_training)
     total = float(loss_sum.sum() / count.sum().clamp(min=1))
     per_domain = {name: {"loss": float(loss_sum[i] / count[i]), "ppl": math.exp(float(loss_sum[i] / count[i])),
@@ -154,11 +178,18 @@ class RunResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None):
-        """``data``: already prepared data to reuse (experiments train many models on the same tokens)."""
+        """``data``: already prepared data to reuse (experiments train many models on the same tokens).
+        Launched by torchrun with several processes, each process constructs a Trainer with the same
+        arguments; :meth:`fit` joins the process group (``cfg.parallel``)."""
         self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
+        self.env = None
         if resume:
             self._check_resume()
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif launched_world_size() <= 1:
+            self._check_new_run()
+
+    def _check_new_run(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise MoelabError(f"{self.run_dir} already exists and is not empty; pass --resume {self.run_dir} "
                               "to continue it, or choose another --out")
 
@@ -167,44 +198,107 @@ class Trainer:
         if not path.is_file():
             raise MoelabError(f"--resume {self.run_dir}: no {RUN_CONFIG} there; not a moelab run directory")
         saved = TrainConfig.load(path)
-        diff = [d for d in config_differences(saved, self.cfg) if d not in RESUMABLE_FIELDS]
+        diff = non_resumable(config_differences(saved, self.cfg))
         if diff:
             raise ConfigError(", ".join(diff), "changed",
                               f"differs from the run being resumed ({path}); resume with the same config "
                               f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new --out")
 
+    @property
+    def is_main(self) -> bool:
+        return self.env is None or self.env.is_main
+
     # ---- setup -------------------------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        moe = cfg.model.moe
+        self.env = init_from_env(cfg.parallel, moe.num_experts if moe is not None else None)
+        if self.env is None:
+            return
+        if cfg.compile:
+            raise ConfigError("compile", True, "is not supported with several processes yet; drop --compile")
+        self.local_batch = check_batch(cfg.batch_size, self.env.world)
+        if not self.resume:  # every rank looks before rank 0 writes anything
+            empty = torch.tensor([0 if self.run_dir.exists() and any(self.run_dir.iterdir()) else 1])
+            self.env.all_reduce(empty, op=torch.distributed.ReduceOp.MIN)
+            if not int(empty):
+                self._check_new_run()
+                raise MoelabError(f"{self.run_dir} is not empty; pass --resume {self.run_dir} or another --out")
+
     def _setup_data(self) -> None:
         if self.data is None:
             tok_path = self.run_dir / "tokenizer.json"
             tokenizer = Tokenizer.load(tok_path) if self.resume and tok_path.is_file() else None
-            self.data = prepare_run_data(self.cfg, tokenizer)
+            if self.env is not None and tokenizer is None:  # rank 0 trains it, the others read it
+                if self.is_main:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    self.data = prepare_run_data(self.cfg, None)
+                    self.data.tokenizer.save(tok_path)
+                self.env.barrier()
+                tokenizer = Tokenizer.load(tok_path) if not self.is_main else None
+            if self.data is None:
+                self.data = prepare_run_data(self.cfg, tokenizer)
         self.tokenizer, self.train_data, self.val_data = self.data.tokenizer, self.data.train, self.data.val
         self.entropy = self.data.unigram_entropy
 
     def _setup_model(self) -> None:
-        cfg = self.cfg
+        from moelab.distributed.checkpoint import (
+            full_optimizer_state,
+            load_distributed_checkpoint,
+            load_full_optimizer_state,
+        )
+
+        cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = build_model(cfg.model)
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step, self.position = 0, DataPosition()
-        if self.resume:
-            ckpt = latest_checkpoint(self.run_dir)
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        full_optim = None
+        if ckpt is not None and not is_distributed(ckpt):  # a single-process checkpoint
             state, meta = load_trainer_state(ckpt)
             load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)  # new total steps may extend the schedule
-            restore_rng(state)
+            if env is not None:  # its optimizer state by parameter name, to shard after parallelizing
+                plain = make_optimizer(self.model, cfg)
+                plain.load_state_dict(state["optimizer"])
+                full_optim = full_optimizer_state(self.model, plain)
+        if env is not None:
+            parallelize(self.model, env)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        if ckpt is not None:
+            if is_distributed(ckpt):
+                meta = load_distributed_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
+                                                   rank=env.rank if env is not None else 0)
+            else:
+                if full_optim is not None:
+                    load_full_optimizer_state(self.model, self.optimizer, full_optim)
+                else:
+                    self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                restore_rng(state)
+            # new total steps may extend the schedule
+            self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
             self.step, self.position = meta["step"], DataPosition(meta["epoch"], meta["index"])
         if cfg.compile:
             self.model.compile_blocks()
 
     # ---- loop --------------------------------------------------------------------------------------
+    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The next micro-batch (this rank's share of the global one) and the factor that turns this
+        rank's mean token loss into its share of the global mean (1 in one process; ranks can hold
+        different numbers of real tokens when rows end in padding)."""
+        ids, labels = batches.next()
+        if self.env is None:
+            return ids, labels, 1.0
+        n_global = int((labels[:, 1:] != -100).sum())
+        lo = self.env.rank * self.local_batch
+        ids, labels = ids[lo:lo + self.local_batch], labels[lo:lo + self.local_batch]
+        n_local = int((labels[:, 1:] != -100).sum())
+        return ids, labels, n_local * self.env.world / max(n_global, 1)
+
     def train_step(self, batches: Batches) -> dict:
-        cfg, model = self.cfg, self.model
+        cfg, model, env = self.cfg, self.model, self.env
         t0 = time.perf_counter()
         model.train()
         sums: dict[str, float] = {}
@@ -213,11 +307,18 @@ class Trainer:
         if cfg.model.mtp is not None and model.mtp is not None:
             model.mtp_weight = cfg.model.mtp.weight_at(self.step, cfg.steps)
         mtp_sums: list[float] = []
+        ep_layers = expert_parallel_layers(model)
+        for layer in ep_layers:
+            layer.stats.reset()
+        stats_group = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
         for _ in range(cfg.grad_accum):
-            ids, labels = batches.next()
-            out = model(ids, labels=labels)
-            (out.loss / cfg.grad_accum).backward()
-            for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
+            ids, labels, scale = self._micro_batch(batches)
+            with stats_group:  # balance-loss counts over every rank's tokens: the global batch's
+                out = model(ids, labels=labels)
+            # the objective: lm loss as this rank's share of the global token mean, aux losses as they are
+            loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
+            (loss / cfg.grad_accum).backward()
+            for name, value in [("loss", loss), ("lm_loss", out.lm_loss * scale), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             for k, value in enumerate(out.mtp_losses):  # unweighted, per depth
                 if k == len(mtp_sums):
@@ -232,80 +333,170 @@ class Trainer:
                 if key in PER_LAYER_METRICS and vals:
                     acc = per_layer.setdefault(key, [0.0] * len(vals))
                     per_layer[key] = [a + v / cfg.grad_accum for a, v in zip(acc, vals)]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if env is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        else:
+            sync_gradients(model, env)
+            grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), env)
+            for layer in self._all_moe_layers():  # the bias moves by the global load
+                env.all_reduce(layer.load_accum_E)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         update_router_biases(model)  # e.g. DeepSeek-V3's aux-loss-free bias, after the step
         self.step += 1
+        step_s = time.perf_counter() - t0
+        parallel = None
+        if env is not None:
+            sums, mtp_sums, per_layer, counts = self._reduce_metrics(sums, mtp_sums, per_layer, counts)
+            parallel = self._parallel_stats(ep_layers, counts, step_s)
         tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         record = {"kind": "train", "step": self.step, **{k: sums[k] for k in ("loss", "lm_loss")},
                   "aux": {k: v for k, v in sums.items() if k not in ("loss", "lm_loss", *ROUTING_METRICS)},
                   **{k: sums[k] for k in ROUTING_METRICS if k in sums},
-                  "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                  "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / step_s}
         if mtp_sums:
             record["mtp_loss"] = mtp_sums
             record["mtp_weight"] = model.mtp_weight
         record.update(load_stats(counts or []))
         if per_layer:
             record["layers"] = per_layer
+        if parallel is not None:
+            record["parallel"] = parallel
+        maybe_inject_fault(self.step, env.rank if env is not None else 0)
         return record
 
+    def _all_moe_layers(self) -> list:
+        from moelab.moe.layer import MoELayer
+
+        return [m for m in self.model.modules() if isinstance(m, MoELayer)]
+
+    def _reduce_metrics(self, sums: dict, mtp_sums: list, per_layer: dict, counts: list | None):
+        """Every logged number as the global batch's: losses and metrics averaged over the ranks
+        (each rank's lm loss is already its share of the global mean), expert counts summed. One
+        all-reduce."""
+        env = self.env
+        keys = sorted(sums)
+        layer_keys = sorted(per_layer)
+        parts = [torch.tensor([sums[k] for k in keys], dtype=torch.float64),
+                 torch.tensor(mtp_sums, dtype=torch.float64),
+                 *[torch.tensor(per_layer[k], dtype=torch.float64) for k in layer_keys]]
+        sizes = [p.numel() for p in parts]
+        flat = torch.cat(parts) / env.world
+        count_flat = torch.cat([c.double() for c in counts]) if counts else torch.zeros(0, dtype=torch.float64)
+        both = torch.cat([flat, count_flat])
+        env.all_reduce(both)
+        flat, count_flat = both[:flat.numel()], both[flat.numel():]
+        chunks = flat.split(sizes)
+        sums = dict(zip(keys, chunks[0].tolist()))
+        mtp_sums = chunks[1].tolist()
+        per_layer = {k: c.tolist() for k, c in zip(layer_keys, chunks[2:])}
+        if counts:
+            counts = [c.float() for c in count_flat.split([c.numel() for c in counts])]
+        return sums, mtp_sums, per_layer, counts
+
+    def _parallel_stats(self, ep_layers: list, counts: list | None, step_s: float) -> dict:
+        """Per-rank numbers of the step: expert load (share of the assignments the rank's experts
+        computed), rows sent to / received from other ranks and seconds in all-to-all (summed over
+        MoE layers, forward and backward), and the all-to-all share of the step time."""
+        env = self.env
+        sent = sum(layer.stats.rows_sent for layer in ep_layers)
+        received = sum(layer.stats.rows_received for layer in ep_layers)
+        a2a = sum(layer.stats.seconds for layer in ep_layers)
+        rows = env.gather_floats([sent, received, a2a, step_s])
+        out = {"world": env.world, "dp": env.dp, "ep": env.ep,
+               "rows_sent": [int(r[0]) for r in rows], "rows_received": [int(r[1]) for r in rows],
+               "a2a_s": [r[2] for r in rows], "a2a_frac": [r[2] / r[3] if r[3] else 0.0 for r in rows]}
+        if counts and env.ep > 1:
+            total = sum(counts)
+            per_rank = total.view(env.ep, -1).sum(1)
+            out["expert_load"] = [float(v) for v in per_rank / per_rank.sum().clamp_min(1)]
+        return out
+
     def fit(self) -> RunResult:
+        """Train to ``cfg.steps``. Several processes (torchrun): join the process group first; rank 0
+        writes the config, metrics and the small checkpoint files, every rank its checkpoint shards."""
+        owns_group = not torch.distributed.is_initialized()
+        self._setup_distributed()
+        try:
+            return self._fit()
+        finally:
+            if self.env is not None and owns_group:
+                shutdown()
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._setup_data()
         self._setup_model()
-        if not self.resume:
+        if not self.resume and self.is_main:
             cfg.save(self.run_dir / RUN_CONFIG)
             self.tokenizer.save(self.run_dir / "tokenizer.json")
-        log = MetricsLog(self.run_dir / METRICS, truncate_after=self.step if self.resume else 0,
-                         tensorboard=cfg.tensorboard)
-        if not self.resume:
+        log = (MetricsLog(self.run_dir / METRICS, truncate_after=self.step if self.resume else 0,
+                          tensorboard=cfg.tensorboard) if self.is_main else None)
+        if not self.resume and log is not None:
             log.write({"kind": "meta", "step": 0, "unigram_entropy": self.entropy,
                        "train_sequences": len(self.train_data.input_ids), "val_sequences": len(self.val_data.input_ids),
                        "domains": self.train_data.domains, "attention": cfg.model.attention_kind(),
                        "kv_cache_bytes_per_token_fp32": cfg.model.kv_cache_bytes_per_token(4),
-                       "balancing": cfg.model.moe.router.balancing() if cfg.model.moe is not None else None})
+                       "balancing": cfg.model.moe.router.balancing() if cfg.model.moe is not None else None,
+                       **({"parallel": {"world": self.env.world, "dp": self.env.dp, "ep": self.env.ep,
+                                        "shard": cfg.parallel.shard}} if self.env is not None else {})})
         batches = Batches(self.train_data, cfg.batch_size, cfg.seed, self.position)
-        bar = _progress(cfg, self.step)
+        bar = _progress(cfg, self.step) if self.is_main else None
         if bar is not None:
             m = cfg.model
             line = (f"attention {m.attention_kind()}, KV cache {m.kv_cache_bytes_per_token(4):,} bytes per token (fp32)"
                     + (f", MTP depth {m.mtp.num_modules}" if m.mtp is not None else ""))
             if m.moe is not None:
                 line += f"; router {m.moe.router.type}, balancing: {m.moe.router.balancing_summary()}"
+            if self.env is not None:
+                line += (f"; {self.env.world} processes, mesh dp={self.env.dp} x ep={self.env.ep}, "
+                         f"{cfg.parallel.shard}, {self.local_batch} sequences per rank")
             bar.write(line)
         record, val = None, {}
         try:
             while self.step < cfg.steps:
                 record = self.train_step(batches)
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     val = self._eval(log)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self._save()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    imb=f"{record.get('max_load', 0):.2f}",
-                                    **{k: f"{v:.4f}" for k, v in record["aux"].items()})
+                    post = dict(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                imb=f"{record.get('max_load', 0):.2f}",
+                                **{k: f"{v:.4f}" for k, v in record["aux"].items()})
+                    if "parallel" in record:
+                        post["a2a"] = f"{max(record['parallel']['a2a_frac']):.0%}"
+                    bar.set_postfix(**post)
             val = self._eval(log)
             self._save()
         finally:
             if bar is not None:
                 bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         last = record["lm_loss"] if record else float("nan")
         return RunResult(self.run_dir, self.step, last, val, self.entropy)
 
-    def _eval(self, log: MetricsLog) -> dict:
-        val = evaluate(self.model, self.val_data, self.cfg.batch_size, self.cfg.eval_batches)
-        log.write({"kind": "eval", "step": self.step, **val})
+    def _eval(self, log: MetricsLog | None) -> dict:
+        val = evaluate(self.model, self.val_data, self.cfg.batch_size, self.cfg.eval_batches, env=self.env)
+        if log is not None:
+            log.write({"kind": "eval", "step": self.step, **val})
         return val
 
     def _save(self) -> None:
+        if self.env is not None:
+            from moelab.distributed.checkpoint import save_distributed_checkpoint
+
+            save_distributed_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                        self.position, self.cfg, self.tokenizer, self.cfg.keep_last, self.env)
+            return
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
                         self.cfg, self.tokenizer, self.cfg.keep_last)
 

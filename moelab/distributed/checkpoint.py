@@ -1,0 +1,197 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards,
+and any other layout (another number of ranks, another ep, or one process) reads them back.
+
+``checkpoints/step_000100/`` of a multi-process run holds
+- ``dcp/``: the DCP files (``.metadata`` + one ``.distcp`` per rank): model weights under ``model.``
+  and AdamW's state under ``optim.``, tensors only, each with its full (unsharded) shape and name;
+- ``config.yaml``, ``run_config.yaml``, ``tokenizer.json`` as in a single-process checkpoint;
+- ``trainer_state.json``: step, data position, the scheduler's state, the optimizer's hyper-parameters
+  and the layout that saved it;
+- ``rng_rank{r}.pt``: each rank's RNG state (tensors, read with ``weights_only=True``).
+It is written into a temp directory and renamed by rank 0 after every rank has finished, so a
+checkpoint directory is either complete or absent.
+
+Safe loading: DCP pickles its ``.metadata`` and would unpickle non-tensor entries. moelab saves
+tensors only, reads the metadata with an unpickler that admits DCP's own metadata classes and
+nothing else, and refuses a checkpoint holding pickled objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from moelab.errors import CheckpointError
+
+DCP_DIR = "dcp"
+STATE_JSON = "trainer_state.json"
+
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "torch": {"Size"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"DCP metadata refers to {module}.{name}, which is not a checkpoint metadata class; "
+                              "moelab does not unpickle arbitrary objects (the file may be malicious)")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata unpickler admits DCP's metadata classes only and which refuses
+    pickled (non-tensor) entries, so loading never runs code from the checkpoint."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; not a complete distributed checkpoint")
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); it may be truncated") from e
+        pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        if pickled:
+            raise CheckpointError(f"{path}: entries {pickled[:3]} are pickled objects; moelab checkpoints hold "
+                                  "tensors only and never unpickle")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def is_distributed_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
+
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"torch_rng": torch.get_rng_state(), "python_rng": [version, list(internal), gauss]}
+
+
+def _tensor_state(model, optimizer) -> dict:
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]
+    return state
+
+
+def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position, run_config,
+                                tokenizer, keep_last: int, env) -> Path:
+    """Every rank calls this; rank 0 writes the small files and publishes the directory."""
+    from moelab.config import save_config
+    from moelab.train.checkpoint import checkpoint_dirs
+
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp-dcp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    env.barrier()
+    state = _tensor_state(model, optimizer)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
+    torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    if env.is_main:
+        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+        save_config(model.config if hasattr(model, "config") else run_config.model, tmp / "config.yaml")
+        run_config.save(tmp / "run_config.yaml")
+        tokenizer.save(tmp / "tokenizer.json")
+        meta = {"step": step, "epoch": position.epoch, "index": position.index, "format": "dcp",
+                "world": env.world, "dp": env.dp, "ep": env.ep, "scheduler": scheduler.state_dict(),
+                "param_groups": groups}
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    env.barrier()
+    if env.is_main:
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    env.barrier()
+    return target
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{Path(ckpt) / STATE_JSON}: unreadable ({e})") from e
+
+
+def load_distributed_checkpoint(ckpt: Path, model, optimizer=None, scheduler=None, rank: int = 0) -> dict:
+    """Read a DCP checkpoint into ``model`` (plain, or already parallelized in any layout) and, when
+    given, ``optimizer`` and ``scheduler``; restores this rank's RNG state. Returns the meta dict."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    state = _tensor_state(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(ckpt / DCP_DIR)))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{ckpt / DCP_DIR}: could not read the distributed checkpoint ({e}); it may be "
+                              "truncated or written by another model config") from e
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+        set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if optimizer is not None:
+        saved_world = int(meta.get("world", 1))
+        rng = ckpt / f"rng_rank{min(rank, saved_world - 1)}.pt"
+        if rng.is_file():
+            s = torch.load(rng, map_location="cpu", weights_only=True)
+            torch.set_rng_state(s["torch_rng"])
+            version, internal, gauss = s["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """A single-process optimizer's state keyed by parameter name, for loading into another layout."""
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def load_full_optimizer_state(model, optimizer, full: dict) -> None:
+    """Shard a full (single-process) optimizer state into a parallelized model's optimizer."""
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
