@@ -1,21 +1,38 @@
-"""Expert parallelism on torch.distributed (gloo, 2 processes spawned from the test): forward and
-backward equal the single-process MoE layer for each token-choice router family."""
+"""torch.distributed on CPU (gloo), processes spawned from the test, each result compared with one
+process doing the same work:
+
+- expert parallelism: a MoE layer's outputs and every gradient, per router family;
+- training: 3 steps with FSDP2, expert parallelism (replicated dense weights) and FSDP2 + EP on 4
+  ranks give the losses, gradient norms and weights of one process on the same global batch,
+  including DeepSeek-V3's aux-free bias and global-batch balance losses;
+- distributed checkpoints: saved on 2 ranks, loaded on 1 and on 4 with identical weights, resumed
+  to the same losses;
+- failures: a rank that raises, vanishes or hangs stops every rank with an error, never a hang.
+Tolerances: fp32, a different summation order (1e-5 relative for outputs, 1e-4 for gradients).
+"""
 
 import datetime
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab.config import RouterConfig
+from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.moe.layer import MoELayer
 from tests.helpers import small_config
 
+pytestmark = pytest.mark.slow
+
 ROUTERS = {
     "topk": RouterConfig(top_k=2),
+    "expert_choice": RouterConfig(type="expert_choice", top_k=2),
     "deepseek_v3": RouterConfig(type="deepseek_v3", top_k=2, n_group=2, topk_group=1),
     "top_p": RouterConfig(type="top_p", top_k=2),
     "capacity": RouterConfig(top_k=2, capacity_factor=1.0),
@@ -28,6 +45,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _entry(rank: int, world: int, port: int, fn, args, done_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fn(rank, world, *args)
+    open(os.path.join(done_dir, f"ok_{rank}"), "w").close()
+
+
+def spawn(world: int, fn, *args, tmp_path) -> None:
+    done = tmp_path / f"done_{fn.__name__}_{world}"
+    done.mkdir(exist_ok=True)
+    try:
+        mp.spawn(_entry, args=(world, _free_port(), fn, args, str(done)), nprocs=world, join=True)
+    except mp.ProcessExitedException:
+        # NOTE: gloo's teardown occasionally aborts a process ("terminate called without an active
+        # exception") after every assertion passed and the process group was destroyed; that is a
+        # crash in process-group destruction, not a wrong result. Anything earlier fails the test.
+        if not all((done / f"ok_{r}").exists() for r in range(world)):
+            raise
+
+
+# ---- expert parallelism of one layer ------------------------------------------------------------
 def _layer(router: RouterConfig) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(small_config(router=router, num_experts=4)).train()
@@ -41,66 +80,271 @@ def _inputs(rank: int):
     return torch.randn(2, 8, 32, generator=g), torch.randn(2, 8, 32, generator=g)
 
 
-def _ep_worker(rank: int, world: int, port: int, router_name: str, done_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    ok = False
-    try:
-        from moelab.distributed.expert_parallel import apply_expert_parallel
+def _ep_layer_worker(rank: int, world: int, router_name: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    from moelab.distributed.expert_parallel import apply_expert_parallel
 
-        router = ROUTERS[router_name]
-        # the reference: one process runs every rank's tokens through the whole layer
-        ref = _layer(router)
-        ref_out, ref_gx = {}, {}
-        for r in range(world):
-            x, g = _inputs(r)
-            x.requires_grad_(True)
-            y, _ = ref(x)
-            (y * g).sum().backward()
-            ref_out[r], ref_gx[r] = y.detach(), x.grad
-        ref_router_grad = None
-        # expert-parallel: each rank its own tokens, E / world experts
-        ep = _layer(router)
-        assert apply_expert_parallel(ep) == 1
-        x, g = _inputs(rank)
+    router = ROUTERS[router_name]
+    ref = _layer(router)  # the reference: one process runs every rank's tokens through the whole layer
+    ref_out, ref_gx = {}, {}
+    for r in range(world):
+        x, g = _inputs(r)
         x.requires_grad_(True)
-        y, _ = ep(x)
+        y, _ = ref(x)
         (y * g).sum().backward()
-        torch.testing.assert_close(y.detach(), ref_out[rank], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x.grad, ref_gx[rank], rtol=1e-5, atol=1e-5)
-        lo, hi = ep.experts.expert_offset, ep.experts.expert_offset + ep.experts.local
-        for name in ("gate_EFD", "up_EFD", "down_EDF"):  # summed over all ranks' tokens, as in one process
-            torch.testing.assert_close(getattr(ep.experts, name).grad, getattr(ref.experts, name).grad[lo:hi],
-                                       rtol=1e-4, atol=1e-5)
-        # the router sees only this rank's tokens: its gradient summed over ranks equals the reference's
-        if ep.router.weight is not None:
-            grad = ep.router.weight.grad.clone()
-            dist.all_reduce(grad)
-            ref_router_grad = ref.router.weight.grad
-            torch.testing.assert_close(grad, ref_router_grad, rtol=1e-4, atol=1e-5)
-        # eval / decoding (few tokens, no grad) still goes through the all-to-all on every rank
-        ep.eval()
-        ref.eval()
-        with torch.no_grad():
-            x1 = x[:1, :1]
-            torch.testing.assert_close(ep(x1)[0], ref(x1)[0], rtol=1e-5, atol=1e-5)
-        ok = True
-    finally:
-        if ok:  # every rank done with its collectives before any tears the group down
-            dist.barrier()
-            open(os.path.join(done_dir, f"ok_{rank}"), "w").close()
-        dist.destroy_process_group()
+        ref_out[r], ref_gx[r] = y.detach(), x.grad
+    ep = _layer(router)  # expert-parallel: each rank its own tokens, E / world experts
+    assert apply_expert_parallel(ep) == 1
+    x, g = _inputs(rank)
+    x.requires_grad_(True)
+    y, _ = ep(x)
+    (y * g).sum().backward()
+    torch.testing.assert_close(y.detach(), ref_out[rank], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, ref_gx[rank], rtol=1e-5, atol=1e-5)
+    for name in ("gate_EFD", "up_EFD", "down_EDF"):  # summed over all ranks' tokens, as in one process
+        torch.testing.assert_close(getattr(ep.experts, name).grad.full_tensor(), getattr(ref.experts, name).grad,
+                                   rtol=1e-4, atol=1e-5)
+    if ep.router.weight is not None:  # the router sees only this rank's tokens: summed over ranks
+        grad = ep.router.weight.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, ref.router.weight.grad, rtol=1e-4, atol=1e-5)
+    stats = ep.experts.stats  # rows crossed ranks both ways (forward and backward)
+    assert stats.rows_sent > 0 and stats.rows_received > 0 and stats.seconds > 0
+    ep.eval()
+    ref.eval()
+    with torch.no_grad():  # eval / decoding (few tokens, no grad) still goes through the all-to-all
+        x1 = x[:1, :1]
+        torch.testing.assert_close(ep(x1)[0], ref(x1)[0], rtol=1e-5, atol=1e-5)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("router_name", list(ROUTERS))
-def test_expert_parallel_equals_single_process(router_name, tmp_path):
-    try:
-        mp.spawn(_ep_worker, args=(2, _free_port(), router_name, str(tmp_path)), nprocs=2, join=True)
-    except mp.ProcessExitedException:
-        # NOTE: gloo's teardown occasionally aborts a process ("terminate called without an active
-        # exception") after every assertion passed and every rank left the final barrier; that is a
-        # crash in process-group destruction, not a wrong result. Anything earlier fails the test.
-        if not all((tmp_path / f"ok_{r}").exists() for r in range(2)):
-            raise
+def test_expert_parallel_layer_equals_single_process(router_name, tmp_path):
+    spawn(2, _ep_layer_worker, router_name, tmp_path=tmp_path)
+
+
+# ---- training -------------------------------------------------------------------------------------
+def _train_cfg(data: str, router: str = "topk", **parallel):
+    from moelab.train import TrainConfig
+
+    if router == "deepseek_v3":  # aux-free bias (fast rate to move it visibly), sequence-wise loss
+        r = RouterConfig(type="deepseek_v3", top_k=2, n_group=2, topk_group=2, bias_update_rate=0.01,
+                         seq_balance_coef=0.01)
+    else:
+        r = RouterConfig(top_k=2, load_balance_coef=0.05, z_loss_coef=1e-3)
+    model = ModelConfig(vocab_size=384, d_model=32, num_layers=2, max_seq_len=64, dense_ffn_dim=64,
+                        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                        moe=MoEConfig(num_experts=4, expert_ffn_dim=32, router=r))
+    return TrainConfig(model=model, data=data, steps=3, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=1,
+                       eval_every=0, eval_batches=2, grad_accum=2, grad_clip=0.5, progress=False,
+                       parallel=dict(parallel))
+
+
+def _train_worker(rank: int, world: int, data: str, run_dir: str, router: str, parallel: dict) -> None:
+    from moelab.train import Trainer
+
+    Trainer(_train_cfg(data, router, **parallel), run_dir).fit()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    lines = []
+    for i in range(120):
+        if i % 2:
+            a, b = (int(v) for v in torch.randint(0, 50, (2,), generator=g))
+            lines.append(json.dumps({"text": f"What is {a} plus {b}? Answer: {a + b}. " * 4, "domain": "math"}))
+        else:
+            s = int(torch.randint(0, len(words), (1,), generator=g))
+            lines.append(json.dumps({"text": " ".join(words[(s + k) % len(words)] for k in range(40)),
+                                     "domain": "words"}))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _train_records(run_dir) -> list[dict]:
+    from moelab.train.trainer import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def single_runs(corpus, tmp_path_factory):
+    """One process on the global batch: the reference of every distributed run below."""
+    from moelab.train import train
+
+    out = {}
+    for router in ("topk", "deepseek_v3"):
+        run = tmp_path_factory.mktemp(f"single_{router}") / "run"
+        train(_train_cfg(corpus, router), run)
+        out[router] = run
+    return out
+
+
+def _assert_same_run(run, ref) -> None:
+    from moelab.loading import load
+
+    got, want = _train_records(run), _train_records(ref)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(got, want):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["step"])
+        for name in b["aux"]:
+            assert a["aux"][name] == pytest.approx(b["aux"][name], rel=1e-4, abs=1e-7), (name, a["step"])
+        for la, lb in zip(a["load"], b["load"]):  # global expert loads
+            assert la == pytest.approx(lb, abs=1e-6)
+    m, r = load(run), load(ref)  # the distributed checkpoint, read by one process
+    ref_state = r.state_dict()
+    for name, value in m.state_dict().items():  # weights and buffers (the aux-free bias among them)
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5)  # Adam: lr-sized steps of tiny gradients
+
+
+@pytest.mark.parametrize("router,world,parallel", [
+    ("topk", 2, {"ep": 1, "shard": "fsdp"}),                 # FSDP2
+    ("topk", 2, {"ep": 2, "shard": "replicate"}),            # EP, dense weights replicated (DDP)
+    ("topk", 2, {"ep": 2, "shard": "fsdp"}),                 # EP + FSDP2 of the dense weights (1 x 2 mesh)
+    ("topk", 4, {"ep": 2, "shard": "fsdp"}),                 # FSDP2 + EP on a 2 x 2 mesh
+    ("deepseek_v3", 2, {"ep": 2, "shard": "fsdp"}),          # aux-free bias + sequence loss under EP
+], ids=["fsdp", "ep-replicate", "fsdp+ep", "fsdp+ep-4ranks", "deepseek_v3-ep"])
+def test_training_equals_single_process(router, world, parallel, corpus, single_runs, tmp_path):
+    run = tmp_path / "run"
+    spawn(world, _train_worker, corpus, str(run), router, parallel, tmp_path=tmp_path)
+    _assert_same_run(run, single_runs[router])
+    rec = _train_records(run)[-1]["parallel"]
+    assert rec["world"] == world and rec["ep"] == parallel["ep"] and len(rec["a2a_s"]) == world
+    if parallel["ep"] > 1:
+        assert sum(rec["rows_sent"]) == sum(rec["rows_received"]) > 0
+        assert sum(rec["expert_load"]) == pytest.approx(1.0)
+    if router == "deepseek_v3":
+        from moelab.loading import load
+
+        bias = load(run).blocks[0].ffn.router.e_score_correction_bias
+        assert bias.abs().sum() > 0  # it moved, and equals the single-process bias (checked above)
+
+
+# ---- distributed checkpoints ----------------------------------------------------------------------
+def _resume_worker(rank: int, world: int, data: str, run_dir: str, steps: int, check_against: str) -> None:
+    from moelab.distributed.checkpoint import load_distributed_checkpoint
+    from moelab.distributed.runtime import init_from_env, parallelize
+    from moelab.loading import load
+    from moelab.model import build_model
+    from moelab.train import Trainer
+    from moelab.train.checkpoint import latest_checkpoint
+
+    cfg = _train_cfg(data, "topk", ep=2)
+    env = init_from_env(cfg.parallel, 4)  # first: the checkpoint read into this layout, weight by weight
+    model = build_model(cfg.model)
+    parallelize(model, env)
+    load_distributed_checkpoint(latest_checkpoint(run_dir), model)
+    want = load(check_against).state_dict()
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        assert torch.equal(full, want[name]), name
+    cfg.steps, cfg.save_every = steps, 2
+    Trainer(cfg, run_dir, resume=True).fit()  # then the run continued
+    dist.destroy_process_group()
+
+
+def test_checkpoint_saved_on_2_ranks_loads_on_1_and_4(corpus, tmp_path):
+    from moelab.loading import load
+    from moelab.train import Trainer
+    from moelab.train.checkpoint import checkpoint_dirs
+
+    run = tmp_path / "run2"
+    cfg = _train_cfg(corpus, "topk", ep=2)
+    cfg.steps, cfg.save_every = 4, 2
+    spawn(2, _train_worker_cfg, corpus, str(run), cfg.to_dict(), tmp_path=tmp_path)
+    step2, step4 = checkpoint_dirs(run)
+    assert (step2 / "dcp" / ".metadata").is_file() and not (step2 / "model.safetensors").exists()
+    full = _train_records(run)
+
+    def from_step2(name):
+        d = tmp_path / name
+        shutil.copytree(run, d)
+        shutil.rmtree(d / "checkpoints" / step4.name)
+        return d
+
+    # one process: moelab.load reads it as a normal model, and training resumes to the same losses
+    one = from_step2("on1")
+    ref_model = load(one)
+    cfg1 = _train_cfg(corpus, "topk")  # the layout may change on resume
+    cfg1.steps, cfg1.save_every = 4, 2
+    Trainer(cfg1, one, resume=True).fit()
+    _assert_losses(_train_records(one), full)
+    assert (checkpoint_dirs(one)[-1] / "model.safetensors").is_file()  # a single-process checkpoint now
+    # four ranks (2 x 2 mesh): identical weights after loading, then the same losses
+    four = from_step2("on4")
+    from moelab.serialization import save_model
+
+    save_model(ref_model, tmp_path / "step2_model")
+    spawn(4, _resume_worker, corpus, str(four), 4, str(tmp_path / "step2_model"), tmp_path=tmp_path)
+    _assert_losses(_train_records(four), full)
+
+
+def _train_worker_cfg(rank: int, world: int, data: str, run_dir: str, cfg: dict) -> None:
+    from moelab.train import TrainConfig, Trainer
+
+    Trainer(TrainConfig.from_dict(cfg), run_dir).fit()
+
+
+def _assert_losses(got, want) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+
+
+def test_distributed_checkpoint_refuses_pickled_objects(tmp_path):
+    """DCP would unpickle non-tensor entries and its metadata; moelab's reader refuses both."""
+    import torch.distributed.checkpoint as dcp
+
+    from moelab.distributed.checkpoint import SafeReader
+    from moelab.errors import CheckpointError
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    dcp.save({"w": torch.ones(2), "obj": {"x": Evil()}}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="pickled objects"):
+        SafeReader(str(tmp_path / "ck")).read_metadata()
+    # metadata that names anything but DCP's own classes is refused before it is built
+    import pickle
+
+    (tmp_path / "ck2").mkdir()
+    (tmp_path / "ck2" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="not a checkpoint metadata class"):
+        SafeReader(str(tmp_path / "ck2")).read_metadata()
+    assert not marker.exists()
+
+
+# ---- failures ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["raise", "exit", "hang"])
+def test_a_failing_rank_stops_every_rank(mode, corpus, tmp_path):
+    env = {**os.environ, "MOELAB_FAULT": f"1:1:{mode}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "moelab.cli", "train", "--config", str(_write_cfg(corpus, tmp_path)),
+           "--nproc", "2", "--ep", "2", "--out", str(tmp_path / "run"), "--parallel.timeout-s", "15"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "training on 2 processes stopped" in proc.stderr
+    if mode == "raise":
+        assert "[rank 1] injected fault" in proc.stderr
+    if mode == "hang":
+        assert "timed out" in proc.stderr
+    assert not any(p.name.startswith("step_") for p in (tmp_path / "run" / "checkpoints").glob("*"))
+
+
+def _write_cfg(corpus, tmp_path):
+    import yaml
+
+    cfg = _train_cfg(corpus, "topk")
+    cfg.steps = 4
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path

@@ -159,8 +159,10 @@ def load_distributed_checkpoint(ckpt: Path, model, optimizer=None, scheduler=Non
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     state = _tensor_state(model, optimizer)
+    reader = SafeReader(str(ckpt / DCP_DIR))
+    reader.read_metadata()  # refuses unsafe metadata here, with moelab's message, before DCP wraps it
     try:
-        dcp.load(state, storage_reader=SafeReader(str(ckpt / DCP_DIR)))
+        dcp.load(state, storage_reader=reader, no_dist=not is_initialized())
     except CheckpointError:
         raise
     except Exception as e:

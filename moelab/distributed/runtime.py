@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,12 +115,20 @@ def parallelize(model: nn.Module, env: DistEnv) -> None:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # NOTE: a block returns (hidden, Routing); FSDP2 warns that the Routing's tensors are views. No
+    # caller modifies a block's outputs in place, which is what the warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.param_dtype], reduce_dtype=_DTYPES[pcfg.reduce_dtype])
     kw = dict(mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
     for experts in expert_parallel_layers(model):
         fully_shard(experts, mesh=env.mesh["dp"], **kw)
         # its gradient already sums the tokens of its ep row: the mean over all ranks divides by world
         experts.set_gradient_divide_factor(float(env.world))
+        # gloo has no pre-multiplied sum: plain sums with the division after them.
+        # NOTE: only when dp > 1: on a 1-rank mesh FSDP2 (torch 2.13) skips the collective and divides
+        # by the factor, then divides a second time when sum reduction is forced (gradients 1/world^2).
+        if env.device.type == "cpu" and env.dp > 1:
+            experts.set_force_sum_reduction_for_comms(True)
     for block in [*model.blocks, *(model.mtp or [])]:
         fully_shard(block, mesh=env.flat, **kw)
     fully_shard(model, mesh=env.flat, **kw)

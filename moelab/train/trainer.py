@@ -310,10 +310,10 @@ class Trainer:
         ep_layers = expert_parallel_layers(model)
         for layer in ep_layers:
             layer.stats.reset()
-        stats_group = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
         for _ in range(cfg.grad_accum):
             ids, labels, scale = self._micro_batch(batches)
-            with stats_group:  # balance-loss counts over every rank's tokens: the global batch's
+            stats = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
+            with stats:  # balance-loss counts over every rank's tokens: the global batch's
                 out = model(ids, labels=labels)
             # the objective: lm loss as this rank's share of the global token mean, aux losses as they are
             loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
