@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -157,13 +158,17 @@ def cmd_train(args, extra: list[str]) -> int:
 
 
 def _launch(args) -> int:
-    """Re-run this command on ``--nproc`` processes with torchrun (one machine, c10d rendezvous on a
-    free port); a failing rank stops them all and the exit status is non-zero."""
-    import subprocess
+    """Re-run this command on ``--nproc`` processes with torch's elastic launcher (what torchrun
+    --standalone runs: one machine, c10d rendezvous on a free port, no restarts). A rank that fails
+    stops the others; the exit status is non-zero and names the rank."""
+    import logging
+    import uuid
 
-    argv = list(args.argv)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in args.argv:
         if skip:
             skip = False
         elif a == "--nproc":
@@ -171,14 +176,18 @@ def _launch(args) -> int:
         elif not a.startswith("--nproc="):
             rest.append(a)
     n = args.nproc
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "--max-restarts=0", "-m", "moelab.cli", *rest]
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-        raise MoelabError(f"training on {n} processes stopped (torchrun exit status {rc}); the failing rank's "
-                          "error is printed above (every other rank was stopped)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    if not args.debug:  # the launcher's own log lines repeat what the ranks printed
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "moelab.cli", *rest)
+    except ChildFailedError as e:
+        rank, first = e.get_first_failure()
+        how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit status {first.exitcode}"
+        raise MoelabError(f"training on {n} processes stopped: rank {rank} failed first ({how}); "
+                          "anything it printed is above, and every other rank was stopped") from None
     return 0
 
 
@@ -198,7 +207,8 @@ def _train_rank(cfg, run_dir, resume: bool):
             why = "another rank stopped (its own error is above)"
         else:
             raise
-        raise MoelabError(f"[rank {rank}] {why}: {str(e).splitlines()[0]}") from e
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's source location off
+        raise MoelabError(f"[rank {rank}] {why}: {detail}") from e
 
 
 def cmd_generate(args) -> int:
