@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "all"]
+NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "distributed", "all"]
 
 
 def register(sub, formatter) -> None:
-    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, engine, aoe, kv-cache, speculative, all)",
+    p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, engine, aoe, kv-cache, speculative, "
+                            "distributed, all)",
                        formatter_class=formatter,
                        description="Time moelab against transformers (or AoE against MoE) side by side in one "
                                    "process, with identical weights and outputs checked equal first; report ratios. "
                                    "`all` runs every benchmark and writes BENCHMARKS.md.",
                        epilog="examples:\n  moelab bench moe-layer --shape fine-grained\n"
-                              "  moelab bench train --json\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
+                              "  moelab bench train --json\n  moelab bench distributed   # 1 vs 2 processes\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
                               "  moelab bench all --markdown BENCHMARKS.md   # what `make bench` runs")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.compare")
@@ -67,6 +68,11 @@ def cmd_bench(args) -> int:
         from moelab.bench.deepseek import bench_speculative
 
         results["speculative"] = bench_speculative(quick=args.quick, seed=args.seed)
+    if args.name in ("distributed", "all"):
+        from moelab.bench.distributed import bench_distributed
+
+        results["distributed"] = bench_distributed(reps=max(1, reps // 2), quick=args.quick, seed=args.seed,
+                                                   threads=args.threads)
     if args.out and args.name != "aoe":
         from moelab.bench.markdown import write_results
 

@@ -66,6 +66,11 @@ def summary_lines(results: dict) -> list[str]:
         sp = results["speculative"]
         out.append(f"speculative: {sp['acceptance_rate']:.0%} of MTP drafts accepted, {sp['tokens_per_forward']:.2f} "
                    f"tokens per forward, {sp['speedup']:.2f}x greedy (tokens equal)")
+    if "distributed" in results:
+        d = results["distributed"]
+        for name, r in d["layouts"].items():
+            out.append(f"distributed {name} ({r['processes']} processes): {r['speedup_vs_1']:.2f}x the tokens/s of 1 "
+                       f"process, {r['a2a_frac_median']:.1%} of a step in all-to-all (losses equal)")
     if "aoe" in results:
         a = results["aoe"]
         out.append(f"aoe d_low {a['d_low']}: {a['aoe_tokens_per_s_ratio']:.3f}x MoE tokens/s, "
@@ -157,6 +162,18 @@ def benchmarks_markdown(results: dict) -> str:
                "forward is per-operation overhead, not weight traffic, so verifying two tokens costs about 1.5x "
                "one, and the MTP layer with its full-vocabulary head costs a third of the 4-layer model. "
                "DeepSeek-V3's 1.8x (§5.4.3) needs a weight-bandwidth-bound model (docs/deepseek.md).", ""]
+    if results.get("distributed"):
+        d = results["distributed"]
+        rows = [["1 process", "", f"{d['single_tokens_per_s_median']:,.0f}", "1.00x", ""]]
+        rows += [[f"{r['processes']} processes, {name}", f"`{r['flags']}`", f"{r['tokens_per_s_median']:,.0f}",
+                  f"{r['speedup_vs_1']:.2f}x", f"{r['a2a_frac_median']:.1%}"] for name, r in d["layouts"].items()]
+        md += ["## Multi-process training on this machine (`moelab bench distributed`)", "",
+               f"`moelab train --preset {d['preset']}`, {d['steps']} steps, the same global batch, runs alternated "
+               f"{d['reps']} times; losses checked equal to one process's first. The processes share this machine's "
+               "cores (threads split between them), so this measures the overhead of the distributed step "
+               "(gloo collectives through the loopback, FSDP2 gathers, all-to-all), not scaling: more "
+               "machines add cores, one machine does not.", "",
+               md_table(["run", "flags", "tokens/s", "vs 1 process", "all-to-all share of a step"], rows), ""]
     md += ["## Where the targets are missed, and why", "", *misses(results), "",
            "Evidence (`torch.profiler`, training step of the 8-expert model at d=256, batch 8 x 256, one "
            "thread): the expert kernel is about half of the step (backward 34%, forward 17%); attention, the "
