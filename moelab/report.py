@@ -147,6 +147,19 @@ def run_plots(train: list[dict], evals: list[dict], plot_dir: Path, unigram_entr
     ax.plot(*_series(train, "tokens_per_s"))
     ax.set_xlabel("step"), ax.set_ylabel("tokens / s"), ax.grid(alpha=0.3)
     plots["throughput"] = save_figure(fig, plot_dir / "tokens_per_s.png")
+
+    par = [r for r in train if r.get("parallel")]
+    if par and any(r["parallel"]["ep"] > 1 for r in par):  # expert parallelism: per-rank load and all-to-all
+        world = par[0]["parallel"]["world"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        steps = [r["step"] for r in par]
+        for rank in range(world):
+            ax2.plot(steps, [r["parallel"]["a2a_frac"][rank] for r in par], label=f"rank {rank}")
+        for rank in range(par[0]["parallel"]["ep"]):
+            ax1.plot(steps, [r["parallel"].get("expert_load", [0] * world)[rank] for r in par], label=f"ep rank {rank}")
+        ax1.set_xlabel("step"), ax1.set_ylabel("share of assignments computed"), ax1.legend(), ax1.grid(alpha=0.3)
+        ax2.set_xlabel("step"), ax2.set_ylabel("all-to-all share of the step"), ax2.legend(), ax2.grid(alpha=0.3)
+        plots["parallel"] = save_figure(fig, plot_dir / "parallel.png")
     return plots
 
 
@@ -194,8 +207,19 @@ def write_run_report(run_dir: str | Path) -> dict[str, Path]:
         md += ["## Expert load at the last step (fraction of assignments)", "",
                md_table(["MoE layer"] + [f"e{i}" for i in range(E)],
                         [[i] + row for i, row in enumerate(last["load"])]), ""]
+    if last.get("parallel"):
+        p = last["parallel"]
+        result["parallel"] = p
+        md += [f"## Processes at the last step ({p['world']} ranks, mesh dp={p['dp']} x ep={p['ep']})", "",
+               md_table(["rank", "token rows sent to other ranks' experts", "rows its experts received",
+                         "all-to-all s", "all-to-all share"],
+                        [[r, p["rows_sent"][r], p["rows_received"][r], p["a2a_s"][r], p["a2a_frac"][r]]
+                         for r in range(p["world"])]), ""]
+        if p.get("expert_load"):
+            md += ["Share of the routed assignments computed by each expert-parallel rank: "
+                   + ", ".join(f"rank {r} {v:.3f}" for r, v in enumerate(p["expert_load"])) + ".", ""]
     titles = {"loss": "Loss", "domain_ppl": "Validation perplexity by domain", "expert_load": "Expert load over training",
-              "aux": "Aux losses", "throughput": "Throughput"}
+              "aux": "Aux losses", "throughput": "Throughput", "parallel": "Expert parallelism per rank"}
     md += ["## Plots", ""]
     for key, path in plots.items():
         md += [f"### {titles[key]}", "", f"![{titles[key]}]({path.relative_to(run_dir)})", ""]

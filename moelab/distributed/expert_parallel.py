@@ -36,8 +36,10 @@ from moelab.moe.layer import MoELayer
 
 
 class A2AStats:
-    """What one layer's all-to-alls moved since the last ``reset``: rows sent to / received from
-    other ranks (a rank's rows for its own experts never leave it) and host seconds spent waiting."""
+    """What one layer's all-to-alls did since the last ``reset``: rows of this rank's tokens dispatched
+    to experts on other ranks, rows of other ranks' tokens this rank's experts received (a rank's
+    rows for its own experts never leave it; the combine and the backward pass move the same rows
+    back), and host seconds spent in all four all-to-alls, waiting for slower ranks included."""
 
     def __init__(self) -> None:
         self.reset()
@@ -47,14 +49,11 @@ class A2AStats:
         self.seconds = 0.0
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: A2AStats,
-                rank: int) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: A2AStats) -> torch.Tensor:
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     stats.seconds += time.perf_counter() - t0
-    stats.rows_sent += sum(in_splits) - in_splits[rank]
-    stats.rows_received += sum(out_splits) - out_splits[rank]
     return out
 
 
@@ -62,14 +61,14 @@ class _AllToAll(torch.autograd.Function):
     """Differentiable all-to-all with variable splits; backward sends the gradients back."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, stats, rank):
-        ctx.args = (out_splits, in_splits, group, stats, rank)
-        return _all_to_all(x, out_splits, in_splits, group, stats, rank)
+    def forward(ctx, x, out_splits, in_splits, group, stats):
+        ctx.args = (out_splits, in_splits, group, stats)
+        return _all_to_all(x, out_splits, in_splits, group, stats)
 
     @staticmethod
     def backward(ctx, grad):
-        out_splits, in_splits, group, stats, rank = ctx.args
-        return _all_to_all(grad, in_splits, out_splits, group, stats, rank), None, None, None, None, None
+        out_splits, in_splits, group, stats = ctx.args
+        return _all_to_all(grad, in_splits, out_splits, group, stats), None, None, None, None
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -108,7 +107,9 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(recv_PL, counts_PL, group=self.group)  # rows each rank sends me, per local expert
         send_splits = counts_PL.sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
-        x_RD = _AllToAll.apply(x_AD, recv_splits, send_splits, self.group, self.stats, self.rank)
+        x_RD = _AllToAll.apply(x_AD, recv_splits, send_splits, self.group, self.stats)
+        self.stats.rows_sent += sum(send_splits) - send_splits[self.rank]
+        self.stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
         # received rows are [from rank 0: local expert 0..L-1][from rank 1: ...]: regroup by local expert
         src_of = torch.arange(P).repeat_interleave(L)
         exp_of = torch.arange(L).repeat(P)
@@ -118,7 +119,7 @@ class ExpertParallelExperts(nn.Module):
         y_sorted = sorted_experts(x_RD[order], _local(self.gate_EFD), _local(self.up_EFD), _local(self.down_EDF),
                                   local_counts, self.activation)
         y_RD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
-        return _AllToAll.apply(y_RD, send_splits, recv_splits, self.group, self.stats, self.rank)
+        return _AllToAll.apply(y_RD, send_splits, recv_splits, self.group, self.stats)
 
 
 def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelExperts]:
