@@ -284,6 +284,40 @@ def test_checkpoint_saved_on_2_ranks_loads_on_1_and_4(corpus, tmp_path):
     _assert_losses(_train_records(four), full)
 
 
+def test_single_process_checkpoint_resumes_on_2_ranks(corpus, tmp_path):
+    """1 -> N: a normal checkpoint (safetensors + trainer_state.pt) is sharded on load, optimizer state
+    included, and the continued run equals the single-process continuation."""
+    from moelab.train import Trainer
+
+    cfg = _train_cfg(corpus, "topk")
+    cfg.steps, cfg.save_every = 2, 0
+    Trainer(cfg, tmp_path / "a").fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cfg.steps = 4
+    Trainer(cfg, tmp_path / "a", resume=True).fit()
+    spawn(2, _resume_plain_worker, corpus, str(tmp_path / "b"), tmp_path=tmp_path)
+    _assert_losses(_train_records(tmp_path / "b"), _train_records(tmp_path / "a"))
+
+
+def _resume_plain_worker(rank: int, world: int, data: str, run_dir: str) -> None:
+    from moelab.train import Trainer
+
+    cfg = _train_cfg(data, "topk", ep=2)
+    cfg.steps = 4
+    Trainer(cfg, run_dir, resume=True).fit()
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(corpus, single_runs, tmp_path):
+    """FSDP2 with bf16 compute (fp32 master weights and gradient reduction): the path GPUs use, checked
+    on CPU for correctness within bf16 tolerance."""
+    run = tmp_path / "run"
+    spawn(2, _train_worker, corpus, str(run), "topk", {"ep": 2, "param_dtype": "bfloat16"}, tmp_path=tmp_path)
+    got, want = _train_records(run), _train_records(single_runs["topk"])
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+        assert a["loss"] != b["loss"]  # it really computed in bf16
+
+
 def _train_worker_cfg(rank: int, world: int, data: str, run_dir: str, cfg: dict) -> None:
     from moelab.train import TrainConfig, Trainer
 
