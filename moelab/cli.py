@@ -56,6 +56,14 @@ def cmd_params(args: argparse.Namespace) -> int:
             "kv_cache_bytes_per_token": {"bf16": cfg.kv_cache_bytes_per_token(2), "fp32": cfg.kv_cache_bytes_per_token(4)}}
     if cfg.moe is not None:
         data["balancing"] = cfg.moe.router.balancing()
+    if args.ep:
+        from moelab.distributed.sizing import bandwidth_needed, expert_parallel_traffic
+
+        if cfg.moe is None:
+            raise MoelabError(f"--ep: {args.source} has no MoE layers")
+        t = expert_parallel_traffic(cfg, args.ep, dispatch_bytes=args.dispatch_bytes)
+        t["bandwidth_at_400_tflops"] = bandwidth_needed(t, 400)
+        data["expert_parallel"] = t
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +94,15 @@ def cmd_params(args: argparse.Namespace) -> int:
           f"{kv['fp32']:,} in fp32")
     if cfg.moe is not None:
         print(f"router {cfg.moe.router.type}, balancing in training: {data['balancing']['summary']}")
+    if args.ep:
+        t = data["expert_parallel"]
+        print(f"expert parallelism over {args.ep} ranks ({args.dispatch_bytes}-byte dispatch, 2-byte combine and "
+              f"gradients): {t['rows_off_rank_per_layer']:.2f} rows of {t['d_model']} values leave a token's rank per "
+              f"MoE layer; {human(t['forward_bytes_per_token'])}B per token forward, "
+              f"{human(t['train_bytes_per_token'])}B per token per training step over {t['moe_layers']} MoE layers, "
+              f"against {t['train_flops_per_token'] / 1e9:.1f} GFLOP: {t['train_bytes_per_flop'] * 1e6:.1f} bytes per "
+              f"MFLOP; at 400 TFLOP/s achieved per device that is {t['bandwidth_at_400_tflops'] / 1e9:.1f} GB/s per "
+              "device (docs/distributed.md)")
     return 0
 
 
@@ -100,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="total and active parameter counts of a preset or config",
         formatter_class=_Formatter,
         description="Count total and active (per token) parameters on the meta device (no memory).",
-        epilog="example:\n  moelab params mixtral-8x7b\n  moelab params my_config.yaml --json")
+        epilog="example:\n  moelab params mixtral-8x7b\n  moelab params my_config.yaml --json\n"
+               "  moelab params deepseek-v3 --ep 64 --dispatch-bytes 1   # all-to-all bytes per token vs FLOPs")
     p.add_argument("source", help="preset name (see `moelab presets`) or a moelab config file")
+    p.add_argument("--ep", type=int, help="also size the all-to-all traffic of expert parallelism over this many ranks")
+    p.add_argument("--dispatch-bytes", type=int, default=2, help="bytes per dispatched value (2: bf16, 1: fp8)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", help="also write result.json into this directory")
     p.set_defaults(func=cmd_params)

@@ -124,3 +124,29 @@ def test_aoe_experts_are_refused_for_expert_parallelism():
             apply_expert_parallel(layer)
     finally:
         dist.destroy_process_group()
+
+
+def test_expert_parallel_traffic_of_deepseek_v3_by_hand():
+    """DeepSeek-V3 (61 layers, first 3 dense, d_model 7168, top-8 of 256) over 64 ranks, fp8 dispatch:
+    per MoE layer 8 * 63/64 rows of 7168 values leave the rank, 1 byte out and 2 back, then 2 + 2
+    bytes of gradients in backward."""
+    from moelab.distributed.sizing import bandwidth_needed, expert_parallel_traffic
+    from moelab.params import count_params
+    from moelab.presets import get_preset
+
+    cfg = get_preset("deepseek-v3")
+    t = expert_parallel_traffic(cfg, 64, dispatch_bytes=1)
+    rows = 8 * 63 / 64
+    assert t["moe_layers"] == 58 and t["rows_off_rank_per_layer"] == rows
+    assert t["forward_bytes_per_token"] == pytest.approx(58 * rows * 7168 * 3)  # 9.82 MB
+    assert t["train_bytes_per_token"] == pytest.approx(58 * rows * 7168 * 7)  # 22.9 MB
+    c = count_params(cfg)
+    assert t["train_flops_per_token"] == 6 * (c.active_params - c.active_breakdown["embeddings"])
+    assert bandwidth_needed(t, 400) == pytest.approx(400e12 / t["train_flops_per_token"] * t["train_bytes_per_token"])
+    assert expert_parallel_traffic(cfg, 1)["train_bytes_per_token"] == 0  # one rank: nothing leaves it
+
+
+def test_params_cli_sizes_expert_parallel_traffic(capsys):
+    assert main(["params", "deepseek-v3", "--ep", "64", "--dispatch-bytes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "7.88 rows of 7168 values" in out and "9.8MB per token forward" in out and "GFLOP" in out

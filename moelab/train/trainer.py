@@ -310,7 +310,10 @@ class Trainer:
         ep_layers = expert_parallel_layers(model)
         for layer in ep_layers:
             layer.stats.reset()
-        for _ in range(cfg.grad_accum):
+        fsdp = hasattr(model, "set_requires_gradient_sync")
+        for micro in range(cfg.grad_accum):
+            if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             ids, labels, scale = self._micro_batch(batches)
             stats = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
             with stats:  # balance-loss counts over every rank's tokens: the global batch's
