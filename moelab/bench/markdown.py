@@ -169,11 +169,15 @@ def benchmarks_markdown(results: dict) -> str:
                   f"{r['speedup_vs_1']:.2f}x", f"{r['a2a_frac_median']:.1%}"] for name, r in d["layouts"].items()]
         md += ["## Multi-process training on this machine (`moelab bench distributed`)", "",
                f"`moelab train --preset {d['preset']}`, {d['steps']} steps, the same global batch, runs alternated "
-               f"{d['reps']} times; losses checked equal to one process's first. The processes share this machine's "
-               "cores (threads split between them), so this measures the overhead of the distributed step "
-               "(gloo collectives through the loopback, FSDP2 gathers, all-to-all), not scaling: more "
-               "machines add cores, one machine does not.", "",
-               md_table(["run", "flags", "tokens/s", "vs 1 process", "all-to-all share of a step"], rows), ""]
+               f"{d['reps']} times (real `moelab train --nproc` runs, not one process); losses checked equal to one "
+               "process's first.", "",
+               md_table(["run", "flags", "tokens/s", "vs 1 process", "all-to-all share of a step"], rows), "",
+               "The total compute is the same in every row (one thread per process instead of two threads in one), "
+               "so the gap to 1x is the distributed step's overhead: gloo collectives through the loopback (FSDP2 "
+               "all-gathers and reduce-scatters, the balance-statistics all-reduce of every MoE layer) and, with EP, "
+               "four all-to-alls per MoE layer per step; the all-to-all share includes the time a rank waits for the "
+               "other when its experts received more rows. Scaling needs more devices, not more processes on one: "
+               "docs/distributed.md sizes the traffic per token.", ""]
     md += ["## Where the targets are missed, and why", "", *misses(results), "",
            "Evidence (`torch.profiler`, training step of the 8-expert model at d=256, batch 8 x 256, one "
            "thread): the expert kernel is about half of the step (backward 34%, forward 17%); attention, the "

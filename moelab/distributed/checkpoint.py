@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,11 +100,15 @@ def _rng_state() -> dict:
     return {"torch_rng": torch.get_rng_state(), "python_rng": [version, list(internal), gauss]}
 
 
-def _tensor_state(model, optimizer) -> dict:
+def _tensor_state(model, optimizer) -> tuple[dict, list | None]:
+    """(the tensors DCP saves or fills: weights and optimizer state by name, the optimizer's param
+    groups: hyper-parameters, saved as JSON). Every rank calls it (it may communicate)."""
     state = {"model": get_model_state_dict(model)}
+    groups = None
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)["state"]
-    return state
+        osd = get_optimizer_state_dict(model, optimizer)
+        state["optim"], groups = osd["state"], osd["param_groups"]
+    return state, groups
 
 
 def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position, run_config,
@@ -119,11 +124,10 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     env.barrier()
-    state = _tensor_state(model, optimizer)
+    state, groups = _tensor_state(model, optimizer)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
     torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
     if env.is_main:
-        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
         save_config(model.config if hasattr(model, "config") else run_config.model, tmp / "config.yaml")
         run_config.save(tmp / "run_config.yaml")
         tokenizer.save(tmp / "tokenizer.json")
@@ -158,11 +162,13 @@ def load_distributed_checkpoint(ckpt: Path, model, optimizer=None, scheduler=Non
     given, ``optimizer`` and ``scheduler``; restores this rank's RNG state. Returns the meta dict."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    state = _tensor_state(model, optimizer)
+    state, _ = _tensor_state(model, optimizer)
     reader = SafeReader(str(ckpt / DCP_DIR))
     reader.read_metadata()  # refuses unsafe metadata here, with moelab's message, before DCP wraps it
     try:
-        dcp.load(state, storage_reader=reader, no_dist=not is_initialized())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=not is_initialized())
     except CheckpointError:
         raise
     except Exception as e:
