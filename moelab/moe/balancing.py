@@ -36,17 +36,23 @@ def global_statistics(group):
         _Statistics.group = previous
 
 
-def _summed(*values: torch.Tensor | float) -> list[torch.Tensor]:
-    """The values summed over the statistics group's ranks (unchanged without one); no gradient."""
-    out = [torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in values]
+def _summed(*values):
+    """The values summed over the statistics group's ranks, as detached tensors; without a group (or
+    inside a per-sequence loss) the values themselves, unchanged (python numbers stay numbers, so a
+    compiled graph with dynamic shapes is not specialised on them)."""
     if _Statistics.group is None or _Statistics.local_depth:
-        return out
+        return values
     import torch.distributed as dist
 
+    out = [torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in values]
     sizes = [t.numel() for t in out]
     buf = torch.cat([t.reshape(-1).to(out[0].device) for t in out])
     dist.all_reduce(buf, group=_Statistics.group)
     return [chunk.view_as(t) for chunk, t in zip(buf.split(sizes), out)]
+
+
+def _at_least_1(x):
+    return x.clamp_min(1) if torch.is_tensor(x) else max(x, 1)
 
 
 def expert_counts(expert_idx_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -70,7 +76,7 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor)
     """
     num_experts = probs_TE.shape[-1]
     counts_E, A = _summed(expert_counts(expert_idx_A, num_experts), expert_idx_A.numel())
-    f_E = counts_E / A.clamp_min(1)
+    f_E = counts_E / _at_least_1(A)
     P_E = probs_TE.float().mean(dim=0)
     return num_experts * torch.sum(f_E.detach() * P_E)
 
@@ -119,7 +125,7 @@ def expert_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_
     With A = T*K assignments this is exactly the Switch loss."""
     T, E = probs_TE.shape
     counts_E, T_all = _summed(expert_counts(expert_idx_A, E), T)
-    f_E = counts_E * (E / top_k) / T_all.clamp_min(1)
+    f_E = counts_E * (E / (top_k * _at_least_1(T_all)))
     return torch.sum(f_E.detach() * probs_TE.float().mean(dim=0))
 
 
@@ -134,7 +140,7 @@ def device_balance_loss(probs_TE: torch.Tensor, expert_idx_A: torch.Tensor, top_
     P'_d = sum_{j in d} P_j. Equals 1 at balance."""
     T, E = probs_TE.shape
     counts_E, T_all = _summed(expert_counts(expert_idx_A, E), T)
-    f_E = counts_E * (E / top_k) / T_all.clamp_min(1)
+    f_E = counts_E * (E / (top_k * _at_least_1(T_all)))
     f_G = _group_sums(f_E, num_groups) / (E // num_groups)
     P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
     return torch.sum(f_G.detach() * P_G)
@@ -150,7 +156,7 @@ def comm_balance_loss(probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_
     sent_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=probs_TE.device)
     sent_TG[token_idx_A, group_A] = True
     sent_G, T_all = _summed(sent_TG.float().sum(dim=0), T)
-    f_G = sent_G * (num_groups / groups_per_token) / T_all.clamp_min(1)
+    f_G = sent_G * (num_groups / (groups_per_token * _at_least_1(T_all)))
     P_G = _group_sums(probs_TE.float().mean(dim=0), num_groups)
     return torch.sum(f_G.detach() * P_G)
 
