@@ -111,7 +111,10 @@ def test_global_statistics_of_one_rank_equal_local_and_expert_parallel_of_one_ra
         dist.destroy_process_group()
 
 
-def test_aoe_experts_are_refused_for_expert_parallelism():
+def test_aoe_experts_under_expert_parallelism_of_one_rank_are_the_layer():
+    """AoE keeps W_down whole on every rank (a plain, replicated parameter) and splits the rest."""
+    from torch.distributed.tensor import DTensor
+
     from moelab.config import AoEConfig
     from moelab.distributed.expert_parallel import apply_expert_parallel
     from moelab.moe.layer import MoELayer
@@ -119,9 +122,17 @@ def test_aoe_experts_are_refused_for_expert_parallelism():
 
     _one_rank_group()
     try:
-        layer = MoELayer(small_config(aoe=AoEConfig(d_low=8)))
-        with pytest.raises(ConfigError, match="AoE"):
-            apply_expert_parallel(layer)
+        torch.manual_seed(0)
+        layer = MoELayer(small_config(aoe=AoEConfig(d_low=8))).train()
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        ref = MoELayer(small_config(aoe=AoEConfig(d_low=8))).train()
+        ref.load_state_dict(layer.state_dict())
+        apply_expert_parallel(layer)
+        assert not isinstance(layer.experts.wdown_ELD, DTensor) and isinstance(layer.experts.wo_EDW, DTensor)
+        x = torch.randn(2, 5, 32)
+        torch.testing.assert_close(layer(x)[0], ref(x)[0])
+        assert layer.active_expert_params() == ref.active_expert_params()
     finally:
         dist.destroy_process_group()
 

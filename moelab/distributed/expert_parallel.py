@@ -30,8 +30,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from moelab.errors import ConfigError
+from moelab.moe.aoe import AoEExperts
 from moelab.moe.experts import StackedExperts
-from moelab.moe.kernels import sorted_experts
+from moelab.moe.kernels import sorted_aoe_experts, sorted_experts
 from moelab.moe.layer import MoELayer
 
 
@@ -75,39 +76,39 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-class ExpertParallelExperts(nn.Module):
-    """The local E / P experts of a StackedExperts, with the all-to-all exchange around them.
-    Same call as StackedExperts: ``forward(x_AD, counts_E)`` with rows sorted by (global) expert."""
+class _ExpertParallel(nn.Module):
+    """The exchange around any stacked experts: rows sorted by (global) expert go to the rank owning
+    their expert, come back in the same order. Subclasses hold the local experts and compute."""
 
-    def __init__(self, experts: StackedExperts, mesh: DeviceMesh):
-        super().__init__()
+    def _init_mesh(self, num_experts: int, mesh: DeviceMesh) -> None:
         self.mesh = mesh
         self.group = mesh.get_group()
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
-        E = experts.num_experts
-        if E % self.world:
-            raise ConfigError("parallel.ep", self.world, f"must divide moe.num_experts={E}")
-        self.num_experts, self.local = E, E // self.world
-        self.d_model, self.ffn_dim, self.activation = experts.d_model, experts.ffn_dim, experts.activation
-        lo, hi = self.rank * self.local, (self.rank + 1) * self.local
-        self.expert_offset = lo
-        for name in ("gate_EFD", "up_EFD", "down_EDF"):
-            local = getattr(experts, name).detach()[lo:hi].clone()
-            setattr(self, name, nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False)))
+        if num_experts % self.world:
+            raise ConfigError("parallel.ep", self.world, f"must divide moe.num_experts={num_experts}")
+        self.num_experts, self.local = num_experts, num_experts // self.world
+        self.expert_offset = self.rank * self.local
         self.stats = A2AStats()
+
+    def _shard(self, experts: nn.Module, names: tuple[str, ...]) -> None:
+        lo, hi = self.expert_offset, self.expert_offset + self.local
+        for name in names:
+            local = getattr(experts, name).detach()[lo:hi].clone()
+            setattr(self, name, nn.Parameter(DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False)))
 
     def wants_count_tensor(self, x_AD: torch.Tensor) -> bool:
         return False
 
-    def forward(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    def _dispatch(self, x_AW: torch.Tensor, counts_E: list[int]):
+        """(rows received for my experts, sorted by local expert; their counts; what _combine needs)."""
         P, L = self.world, self.local
         counts_PL = torch.tensor(counts_E, dtype=torch.long).view(P, L)  # my rows for each rank's experts
         recv_PL = torch.empty_like(counts_PL)
         dist.all_to_all_single(recv_PL, counts_PL, group=self.group)  # rows each rank sends me, per local expert
         send_splits = counts_PL.sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
-        x_RD = _AllToAll.apply(x_AD, recv_splits, send_splits, self.group, self.stats)
+        x_RW = _AllToAll.apply(x_AW, recv_splits, send_splits, self.group, self.stats)
         self.stats.rows_sent += sum(send_splits) - send_splits[self.rank]
         self.stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
         # received rows are [from rank 0: local expert 0..L-1][from rank 1: ...]: regroup by local expert
@@ -115,15 +116,72 @@ class ExpertParallelExperts(nn.Module):
         exp_of = torch.arange(L).repeat(P)
         block_expert = exp_of.repeat_interleave(recv_PL.flatten())  # (R,) local expert of each received row
         order = torch.argsort(block_expert * P + src_of.repeat_interleave(recv_PL.flatten()), stable=True)
-        local_counts = recv_PL.sum(0).tolist()
-        y_sorted = sorted_experts(x_RD[order], _local(self.gate_EFD), _local(self.up_EFD), _local(self.down_EDF),
-                                  local_counts, self.activation)
+        return x_RW[order], recv_PL.sum(0).tolist(), (order, send_splits, recv_splits, x_AW.shape[0])
+
+    def _combine(self, y_sorted: torch.Tensor, ctx) -> torch.Tensor:
+        order, send_splits, recv_splits, _ = ctx
         y_RD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
         return _AllToAll.apply(y_RD, send_splits, recv_splits, self.group, self.stats)
 
 
+class ExpertParallelExperts(_ExpertParallel):
+    """The local E / P experts of a StackedExperts, with the all-to-all exchange around them.
+    Same call as StackedExperts: ``forward(x_AD, counts_E)`` with rows sorted by (global) expert."""
+
+    def __init__(self, experts: StackedExperts, mesh: DeviceMesh):
+        super().__init__()
+        self._init_mesh(experts.num_experts, mesh)
+        self.d_model, self.ffn_dim, self.activation = experts.d_model, experts.ffn_dim, experts.activation
+        self._shard(experts, ("gate_EFD", "up_EFD", "down_EDF"))
+
+    def forward(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        x_RD, local_counts, ctx = self._dispatch(x_AD, counts_E)
+        y = sorted_experts(x_RD, _local(self.gate_EFD), _local(self.up_EFD), _local(self.down_EDF),
+                           local_counts, self.activation)
+        return self._combine(y, ctx)
+
+
+class ExpertParallelAoEExperts(_ExpertParallel):
+    """Autonomy-of-Experts under expert parallelism. Every token scores every expert by its own
+    x W_down, so W_down (small: d_low rows per expert) stays whole on every rank, replicated like
+    the dense weights; W_up, W_p and W_o are split over the ranks. A row travels with its cached
+    x W_down of its expert (d_model + d_low values), and its gradient comes back the same way, so
+    W_down's gradient forms on the token's rank as in one process."""
+
+    def __init__(self, experts: AoEExperts, mesh: DeviceMesh):
+        super().__init__()
+        self._init_mesh(experts.num_experts, mesh)
+        self.d_model, self.d_low, self.d_wide = experts.d_model, experts.d_low, experts.d_wide
+        self.activation = experts.activation
+        self.wdown_ELD = nn.Parameter(experts.wdown_ELD.detach().clone())
+        self.wdown_ELD._moelab_world_mean = True  # replicated: its gradient is averaged over every rank
+        self._shard(experts, ("wup_EWL", "wp_EWD", "wo_EDW"))
+
+    def low_rank_all(self, x_TD: torch.Tensor) -> torch.Tensor:
+        T = x_TD.shape[0]
+        w = self.wdown_ELD.to(x_TD.dtype).reshape(-1, self.d_model)
+        return (x_TD @ w.t()).view(T, self.num_experts, self.d_low)
+
+    def active_param_count(self, k: float, scores_all: bool) -> float:
+        return AoEExperts.active_param_count(self, k, scores_all)
+
+    def forward(self, x_AD: torch.Tensor, counts_E: list[int], low_AL: torch.Tensor | None = None) -> torch.Tensor:
+        if low_AL is None:  # router-based AoE: x W_down for each row's own expert, on the token's rank
+            w = self.wdown_ELD.to(x_AD.dtype)
+            parts, start = [], 0
+            for e, n in enumerate(counts_E):
+                parts.append(x_AD[start:start + n] @ w[e].t())
+                start += n
+            low_AL = torch.cat(parts) if parts else x_AD.new_zeros(0, self.d_low)
+        rows, local_counts, ctx = self._dispatch(torch.cat([x_AD, low_AL.to(x_AD.dtype)], dim=1), counts_E)
+        x_RD, low_RL = rows[:, :self.d_model], rows[:, self.d_model:]
+        y = sorted_aoe_experts(x_RD, low_RL, _local(self.wup_EWL), _local(self.wp_EWD), _local(self.wo_EDW),
+                               local_counts, self.activation)
+        return self._combine(y, ctx)
+
+
 def expert_parallel_layers(model: nn.Module) -> list[ExpertParallelExperts]:
-    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    return [m for m in model.modules() if isinstance(m, _ExpertParallel)]
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None = None) -> int:
@@ -134,14 +192,16 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None = None) -> i
         mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",))
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
-        if not isinstance(layer.experts, StackedExperts):
-            raise ConfigError("parallel.ep", mesh.size(), "expert parallelism shards stacked experts; AoE's "
-                                                          "experts are not supported yet: use parallel.ep=1")
         router = layer.router_cfg
         if router.n_group > 1 and mesh.size() > 1 and router.n_group % mesh.size() and mesh.size() % router.n_group:
             raise ConfigError("parallel.ep", mesh.size(),
                               f"expert groups (router.n_group={router.n_group}) must align with ranks: one of the "
                               "two must divide the other, so group-limited routing limits the ranks a token visits")
-        layer.experts = ExpertParallelExperts(layer.experts, mesh)
+        if isinstance(layer.experts, AoEExperts):
+            layer.experts = ExpertParallelAoEExperts(layer.experts, mesh)
+        elif isinstance(layer.experts, StackedExperts):
+            layer.experts = ExpertParallelExperts(layer.experts, mesh)
+        else:
+            raise ConfigError("parallel.ep", mesh.size(), f"cannot split {type(layer.experts).__name__} over ranks")
         layer.device_groups = mesh.size()  # DeepSeek's device-level losses count these real devices
     return len(layers)

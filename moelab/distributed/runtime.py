@@ -121,7 +121,9 @@ def parallelize(model: nn.Module, env: DistEnv) -> None:
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.param_dtype], reduce_dtype=_DTYPES[pcfg.reduce_dtype])
     kw = dict(mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
     for experts in expert_parallel_layers(model):
-        fully_shard(experts, mesh=env.mesh["dp"], **kw)
+        # replicated parameters inside (AoE's W_down) are left to sync_gradients: a mean over all ranks
+        ignored = {p for p in experts.parameters() if getattr(p, "_moelab_world_mean", False)}
+        fully_shard(experts, mesh=env.mesh["dp"], ignored_params=ignored or None, **kw)
         # its gradient already sums the tokens of its ep row: the mean over all ranks divides by world
         experts.set_gradient_divide_factor(float(env.world))
         # gloo has no pre-multiplied sum: plain sums with the division after them.
@@ -136,17 +138,31 @@ def parallelize(model: nn.Module, env: DistEnv) -> None:
 
 def _replication(p: torch.Tensor, env: DistEnv, replicated: bool) -> int:
     """On how many ranks this parameter's local tensor is repeated (1: a shard nobody else holds)."""
+    if _world_mean(p):
+        return env.world
     if not replicated:
         return 1
     return env.dp if isinstance(p, DTensor) else env.world  # experts are distinct across ep
+
+
+def _world_mean(p: torch.Tensor) -> bool:
+    return getattr(p, "_moelab_world_mean", False)
 
 
 @torch.no_grad()
 def sync_gradients(model: nn.Module, env: DistEnv) -> None:
     """Replicated layout (DDP): average every gradient over the ranks holding the same parameter
     (the whole world; an expert's gradient sums its ep row already, so it is summed over dp and
-    divided by the world size). One flat all-reduce per group of ranks. FSDP2 needs nothing here."""
+    divided by the world size). One flat all-reduce per group of ranks. Under FSDP2 only the
+    parameters it leaves out (AoE's replicated W_down) are averaged here."""
     if not getattr(model, "_moelab_replicated", False):
+        own = [p.grad for p in model.parameters() if p.grad is not None and _world_mean(p)]
+        if own:
+            flat = torch.cat([g.reshape(-1) for g in own])
+            dist.all_reduce(flat)
+            flat /= env.world
+            for g, chunk in zip(own, flat.split([g.numel() for g in own])):
+                g.copy_(chunk.view_as(g))
         return
     dense = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p, DTensor)]
     experts = [p.grad.to_local() for p in model.parameters() if p.grad is not None and isinstance(p, DTensor)]

@@ -83,7 +83,7 @@ class MoELayer(nn.Module):
     def active_expert_params(self) -> float:
         """Routed-expert parameters a token uses (for the active-parameter count)."""
         k = self.router.active_experts_per_token
-        if isinstance(self.experts, AoEExperts):
+        if hasattr(self.experts, "active_param_count"):  # AoE's experts (split over ranks or not)
             return self.experts.active_param_count(k, scores_all=self.router_free)
         return k * sum(p.numel() for p in self.experts.parameters()) // self.num_experts
 
