@@ -132,6 +132,37 @@ def test_expert_parallel_layer_equals_single_process(router_name, tmp_path):
     spawn(2, _ep_layer_worker, router_name, tmp_path=tmp_path)
 
 
+def _device_loss_worker(rank: int, world: int, scope: str) -> None:
+    """DeepSeek-V2's expert-, device- and communication-level losses under EP: the mean of the ranks'
+    losses equals one process's loss on all tokens with the experts' real devices (2 ranks), not the
+    config's 4 groups."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    from moelab.distributed.expert_parallel import apply_expert_parallel
+    from moelab.moe.balancing import global_statistics
+
+    moe = {"router": RouterConfig(type="deepseek_v2", top_k=2, n_group=4, topk_group=2, expert_balance_coef=0.1,
+                                  device_balance_coef=0.2, comm_balance_coef=0.3, balance_scope=scope)}
+    ep = _layer(moe)
+    apply_expert_parallel(ep)
+    with global_statistics(dist.group.WORLD):
+        _, routing = ep(_inputs(rank)[0])
+    ref = _layer(moe)
+    ref.device_groups = 2  # the real placement: experts 0-1 on rank 0, 2-3 on rank 1
+    _, ref_routing = ref(torch.cat([_inputs(r)[0] for r in range(world)]))
+    _, groups_routing = _layer(moe)(torch.cat([_inputs(r)[0] for r in range(world)]))  # 4 config groups
+    for name in ("expert_balance", "device_balance", "comm_balance"):
+        mean = _summed(routing.aux_losses[name].detach()) / world
+        torch.testing.assert_close(mean, ref_routing.aux_losses[name].detach(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ref_routing.aux_losses["device_balance"], groups_routing.aux_losses["device_balance"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_device_level_losses_use_the_real_placement_and_global_statistics(scope, tmp_path):
+    spawn(2, _device_loss_worker, scope, tmp_path=tmp_path)
+
+
 # ---- training -------------------------------------------------------------------------------------
 def _train_cfg(data: str, router: str = "topk", **parallel):
     from moelab.train import TrainConfig
@@ -279,6 +310,10 @@ def test_checkpoint_saved_on_2_ranks_loads_on_1_and_4(corpus, tmp_path):
         shutil.rmtree(d / "checkpoints" / step4.name)
         return d
 
+    # the same layout: resumes exactly, bit for bit (as single-process resume does)
+    same = from_step2("on2")
+    spawn(2, _resume_same_worker, corpus, str(same), cfg.to_dict(), tmp_path=tmp_path)
+    assert [(r["loss"], r["grad_norm"]) for r in _train_records(same)] == [(r["loss"], r["grad_norm"]) for r in full]
     # one process: moelab.load reads it as a normal model, and training resumes to the same losses
     one = from_step2("on1")
     ref_model = load(one)
@@ -328,6 +363,12 @@ def test_bf16_mixed_precision_trains_close_to_fp32(corpus, single_runs, tmp_path
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
         assert a["loss"] != b["loss"]  # it really computed in bf16
+
+
+def _resume_same_worker(rank: int, world: int, data: str, run_dir: str, cfg: dict) -> None:
+    from moelab.train import TrainConfig, Trainer
+
+    Trainer(TrainConfig.from_dict(cfg), run_dir, resume=True).fit()
 
 
 def _train_worker_cfg(rank: int, world: int, data: str, run_dir: str, cfg: dict) -> None:
