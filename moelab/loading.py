@@ -24,7 +24,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "checkpoints").is_dir():  # a training run: its latest checkpoint
-        model = load_model(resolve_checkpoint(path), dtype=dtype, device=device)
+        model = load_model(resolve_checkpoint(path), dtype=dtype, device=device, verify=False)  # verified
     elif (path / CONFIG).is_file():
         model = load_model(path, dtype=dtype, device=device)
     elif (path / "config.json").is_file():  # a Hugging Face model directory
@@ -43,9 +43,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     from moelab.train.checkpoint import check_complete, latest_checkpoint
 
     path = Path(path)
-    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-    check_complete(ckpt)
-    return ckpt
+    if (path / "checkpoints").is_dir():
+        return latest_checkpoint(path)  # complete and verified, newer corrupt ones skipped with a warning
+    check_complete(path)
+    return path
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from moelab.config import load_config, save_config
 from moelab.errors import CheckpointError
+from moelab.integrity import verify_directory, write_manifest
 from moelab.model import MoETransformer, build_model
 
 WEIGHTS = "model.safetensors"
@@ -37,14 +38,15 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
     save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "library": "moelab"})
 
 
-def atomic_directory(target: Path):
-    """Context manager yielding a temp dir beside ``target`` that replaces it on success."""
-    return _AtomicDir(Path(target))
+def atomic_directory(target: Path, manifest: bool = False):
+    """Context manager yielding a temp dir beside ``target`` that replaces it on success;
+    ``manifest``: first flush every file and record its size and SHA-256 (moelab.integrity)."""
+    return _AtomicDir(Path(target), manifest)
 
 
 class _AtomicDir:
-    def __init__(self, target: Path):
-        self.target = target
+    def __init__(self, target: Path, manifest: bool = False):
+        self.target, self.manifest = target, manifest
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,12 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        if self.manifest:
+            try:
+                write_manifest(self.tmp)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.replace(self.target, old)
@@ -67,7 +75,7 @@ class _AtomicDir:
 def save_model(model: MoETransformer, directory: str | os.PathLike) -> Path:
     """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, manifest=True) as tmp:
         write_model_files(model, tmp)
     return directory
 
@@ -98,11 +106,13 @@ def load_state_strict(model: MoETransformer, state: dict[str, torch.Tensor], sou
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> MoETransformer:
+               device: str | torch.device = "cpu", verify: bool = True) -> MoETransformer:
     """Load a directory written by :func:`save_model` (or a moelab checkpoint) in eval mode."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG}; not a moelab model or checkpoint directory")
+    if verify:  # a directory with a manifest must match it, file by file
+        verify_directory(directory)
     cfg = load_config(directory / CONFIG)
     if not (directory / WEIGHTS).is_file() and (directory / "dcp").is_dir():  # saved by a multi-process run
         from moelab.distributed.checkpoint import load_distributed_checkpoint

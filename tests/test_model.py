@@ -108,6 +108,9 @@ def test_load_reports_truncated_and_mismatched(tmp_path):
         load_model(tmp_path / "m")
     save_model(build_model(small_config(expert_ffn_dim=12)), tmp_path / "other")
     (tmp_path / "other" / "model.safetensors").replace(w)
+    with pytest.raises(CheckpointError, match="the manifest says"):  # another model's weights swapped in
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()  # a hand-assembled directory: the shapes are still checked
     with pytest.raises(CheckpointError, match=r"experts\.down_EDF has shape \(4, 32, 12\), config expects \(4, 32, 24\)"):
         load_model(tmp_path / "m")
 

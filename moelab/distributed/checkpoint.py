@@ -137,6 +137,9 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     env.barrier()
     if env.is_main:
+        from moelab.integrity import write_manifest
+
+        write_manifest(tmp)  # every rank's shards are on disk: record and publish
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -13,12 +13,14 @@ import json
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moelab.errors import CheckpointError
+from moelab.integrity import verify_directory
 from moelab.serialization import CONFIG, WEIGHTS, atomic_directory, write_model_files
 
 CHECKPOINTS = "checkpoints"
@@ -45,11 +47,26 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path:
+    """The newest complete checkpoint whose files match its manifest; a newer one that is incomplete
+    or corrupt is skipped with a warning naming it and why (a checkpoint without a manifest, from
+    before manifests, is accepted)."""
     dirs = checkpoint_dirs(run_dir)
     if not dirs:
         raise CheckpointError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/; train with --save-every or let a run finish")
-    return dirs[-1]
+    if not verify:
+        return dirs[-1]
+    skipped = []
+    for ckpt in reversed(dirs):
+        try:
+            check_complete(ckpt)
+            verify_directory(ckpt)
+        except CheckpointError as e:
+            skipped.append(f"{ckpt.name} ({e})")
+            warnings.warn(f"skipping checkpoint {ckpt}: {e}", stacklevel=2)
+            continue
+        return ckpt
+    raise CheckpointError(f"{run_dir}: no intact checkpoint; every one failed verification: {'; '.join(skipped)}")
 
 
 def is_distributed(ckpt: Path) -> bool:
@@ -67,7 +84,7 @@ def check_complete(ckpt: Path) -> None:
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: DataPosition,
                     run_config, tokenizer, keep_last: int, extra: dict | None = None) -> Path:
     target = Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, manifest=True) as tmp:
         write_model_files(model, tmp)
         run_config.save(tmp / "run_config.yaml")
         tokenizer.save(tmp / "tokenizer.json")
