@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moelab import cli_eval
 
     cli_eval.register(sub, _Formatter)
+    from moelab import cli_ckpt
+
+    cli_ckpt.register(sub, _Formatter)
 
     from moelab import cli_experiments
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from moelab.config import load_config, save_config
 from moelab.errors import CheckpointError
+from moelab.faults import kill_point
 from moelab.integrity import verify_directory, write_manifest
 from moelab.model import MoETransformer, build_model
 
@@ -63,13 +64,31 @@ class _AtomicDir:
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
+            kill_point("ckpt-manifest")
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.replace(self.target, old)
+            kill_point("ckpt-rename")
             os.replace(self.tmp, self.target)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            kill_point("ckpt-rename")
             os.replace(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry is flushed with the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
 
 
 def save_model(model: MoETransformer, directory: str | os.PathLike) -> Path:

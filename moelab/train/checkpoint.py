@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import CheckpointError
+from moelab.faults import kill_point
 from moelab.integrity import verify_directory
 from moelab.serialization import CONFIG, WEIGHTS, atomic_directory, write_model_files
 
@@ -45,6 +47,31 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+_HIDDEN = re.compile(r"^\.(step_\d+)\.(tmp|old)-")
+
+
+def recover_checkpoints(run_dir: Path) -> list[str]:
+    """After a crash: a checkpoint moved aside while being replaced by a new save of the same step
+    (``.step_N.old-*``) is put back when the new one never arrived; unfinished temp directories are
+    deleted. Returns what was done. Call on resume, in one process (rank 0)."""
+    root = Path(run_dir) / CHECKPOINTS
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = _HIDDEN.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        target = root / m.group(1)
+        if m.group(2) == "old" and not target.exists():
+            os.replace(p, target)
+            done.append(f"restored {target.name} (its replacement was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed unfinished {p.name}")
+    return done
 
 
 def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path:
@@ -86,6 +113,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
     target = Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
     with atomic_directory(target, manifest=True) as tmp:
         write_model_files(model, tmp)
+        kill_point("ckpt-weights")
         run_config.save(tmp / "run_config.yaml")
         tokenizer.save(tmp / "tokenizer.json")
         state = {
@@ -97,6 +125,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
         torch.save(state, tmp / STATE_PT)
         meta = {"step": step, "epoch": position.epoch, "index": position.index, **(extra or {})}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        kill_point("ckpt-state")
+    kill_point("ckpt-prune")
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -29,14 +29,29 @@ def load_stats(counts: list[torch.Tensor]) -> dict:
             "load_cv": sum(m["cv"] for m in per_layer) / len(per_layer)}
 
 
+def parse_lines(text: str, source: str) -> list[tuple[str, dict]]:
+    """(line, record) of a JSONL metrics file. A last line cut short (the process was killed while
+    writing it) is dropped; a malformed line anywhere else is an error naming it."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break  # an interrupted append
+            raise MoelabError(f"{source}: line {i + 1} is not valid JSON ({e})") from e
+    return out
+
+
 class MetricsLog:
     """Append-only JSONL; on resume, records after the resumed step are dropped first."""
 
     def __init__(self, path: Path, truncate_after: int = 0, tensorboard: bool = False):
         self.path = path
         if truncate_after and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            kept = [line for line, rec in parse_lines(path.read_text(), str(path))
+                    if rec.get("step", 0) <= truncate_after]
             write_atomic(path, "".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard:  # checked before anything is opened or written

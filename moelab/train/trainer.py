@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,13 @@ from moelab.train.checkpoint import (
     is_distributed,
     latest_checkpoint,
     load_trainer_state,
+    recover_checkpoints,
     restore_rng,
     save_checkpoint,
 )
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
-from moelab.train.faults import maybe_inject_fault
-from moelab.train.metrics import MetricsLog, load_stats
+from moelab.faults import maybe_inject_fault
+from moelab.train.metrics import MetricsLog, load_stats, parse_lines
 
 METRICS = "metrics.jsonl"
 # Per-layer routing metrics of MoELayer.last_metrics logged every step (mean over MoE layers).
@@ -253,6 +255,11 @@ class Trainer:
         random.seed(cfg.seed)
         self.model = build_model(cfg.model)
         self.step, self.position = 0, DataPosition()
+        if self.resume and self.is_main:
+            for line in recover_checkpoints(self.run_dir):
+                warnings.warn(f"{self.run_dir}: {line}", stacklevel=2)
+        if self.resume and env is not None:
+            env.barrier()
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
         full_optim = None
         if ckpt is not None and not is_distributed(ckpt):  # a single-process checkpoint
@@ -521,4 +528,4 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise MoelabError(f"{run_dir}: no {METRICS}; not a moelab run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for _, rec in parse_lines(path.read_text(), str(path))]

@@ -1,0 +1,273 @@
+"""Fault injection: kill `moelab train` again and again, resume it each time, and compare the result
+with a run that was never interrupted (`moelab ckpt torture`).
+
+Each attempt runs ``moelab train`` in a subprocess (a checkpoint after every step) and ends it with
+SIGKILL, either after a random delay or at a chosen moment of a checkpoint save
+(``MOELAB_KILL_AT``: weights written, state written, manifest written, mid-rename, before pruning;
+see :mod:`moelab.faults`). After every kill every checkpoint on disk must be complete and match its
+manifest; the next attempt resumes from the newest one (or starts over when the kill came before
+the first). When the kills are spent the run finishes, and its final checkpoint must equal the
+uninterrupted run's bit for bit: weights, optimizer state, RNG state, data position, and the
+logged losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moelab.errors import MoelabError
+from moelab.faults import KILL_ENV, KILL_PHASES
+
+
+@dataclass
+class Attempt:
+    index: int
+    start_step: int  # step it resumed from (0: a fresh start)
+    kill: str  # "timed 1.23s", a phase name, or "none" (ran to the end)
+    reached_step: int  # last step logged before it ended
+    checkpoints_verified: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _train_cmd(config: Path, run: Path, resume: bool) -> list[str]:
+    where = ["--resume", str(run)] if resume else ["--out", str(run)]
+    return [sys.executable, "-m", "moelab.cli", "train", "--config", str(config), *where, "--no-progress"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # the same (deterministic) arithmetic in every attempt and the reference
+    env.pop(KILL_ENV, None)
+    env.update(extra or {})
+    return env
+
+
+def _last_step(run: Path) -> int:
+    from moelab.train.trainer import read_metrics
+
+    try:
+        recs = read_metrics(run)
+    except MoelabError:
+        return 0
+    return max((r["step"] for r in recs if r.get("kind") == "train"), default=0)
+
+
+def _verify_all(run: Path) -> tuple[int, list[str]]:
+    from moelab.integrity import check_directory
+    from moelab.train.checkpoint import check_complete, checkpoint_dirs
+    from moelab.errors import CheckpointError
+
+    problems, n = [], 0
+    for ckpt in checkpoint_dirs(run):
+        n += 1
+        try:
+            check_complete(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        v = check_directory(ckpt, require_manifest=True)
+        problems += [f"{ckpt.name}: {p}" for p in v.problems]
+    return n, problems
+
+
+def _compare(a: Path, b: Path) -> tuple[int, list[str]]:
+    """Bytes of tensors compared and every difference between two final checkpoints."""
+    from safetensors.torch import load_file
+
+    diffs, nbytes = [], 0
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    if set(wa) != set(wb):
+        diffs.append("weight names differ")
+    for k in sorted(set(wa) & set(wb)):
+        nbytes += wa[k].numel() * wa[k].element_size()
+        if not torch.equal(wa[k], wb[k]):
+            diffs.append(f"weight {k} differs")
+    sa = torch.load(a / "trainer_state.pt", map_location="cpu", weights_only=True)
+    sb = torch.load(b / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+    def walk(x, y, where):
+        nonlocal nbytes
+        if torch.is_tensor(x):
+            nbytes += x.numel() * x.element_size()
+            if not (torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y)):
+                diffs.append(f"{where} differs")
+        elif isinstance(x, dict):
+            if set(x) != set(y):
+                diffs.append(f"{where}: keys differ")
+            for k in x:
+                if k in y:
+                    walk(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                diffs.append(f"{where}: lengths differ")
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif x != y:
+            diffs.append(f"{where}: {x!r} != {y!r}")
+
+    walk(sa, sb, "trainer_state")
+    ja, jb = (json.loads((p / "trainer_state.json").read_text()) for p in (a, b))
+    if ja != jb:
+        diffs.append(f"trainer_state.json differs: {ja} vs {jb}")
+    return nbytes, diffs
+
+
+def default_config():
+    """A small run on the built-in corpus (2 MoE layers of 4 experts, 40 steps) for the harness."""
+    from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+    from moelab.train.config import TrainConfig
+
+    model = ModelConfig(vocab_size=512, d_model=64, num_layers=2, max_seq_len=64, dense_ffn_dim=128,
+                        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                        moe=MoEConfig(num_experts=4, expert_ffn_dim=64,
+                                      router=RouterConfig(top_k=2, load_balance_coef=0.01, z_loss_coef=1e-3)))
+    return TrainConfig(model=model, steps=40, batch_size=8, seq_len=64, warmup_steps=4, eval_batches=1)
+
+
+def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, progress: bool = True) -> dict:
+    """Kill and resume a training run ``kills`` times (see the module docstring); returns the result
+    and writes result.json, report.md and timeline.png into ``out``."""
+    from moelab.train.config import TrainConfig
+    from moelab.train.trainer import read_metrics
+
+    cfg = TrainConfig.load(config) if config is not None else default_config()
+    cfg.save_every, cfg.progress, cfg.eval_every = 1, False, 0  # a checkpoint after every step
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MoelabError(f"{out} is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = out / "torture_config.yaml"
+    cfg.save(run_cfg)
+    rng = random.Random(seed)
+
+    t0 = time.perf_counter()
+    ref = out / "reference"
+    proc = subprocess.run(_train_cmd(run_cfg, ref, False), env=_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise MoelabError(f"the uninterrupted reference run failed:\n{proc.stderr[-2000:]}")
+    ref_seconds = time.perf_counter() - t0
+
+    run = out / "killed"
+    attempts: list[Attempt] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=kills, desc="kills", unit="kill")
+    kinds = [*KILL_PHASES, "timed", "timed"]
+    while True:
+        resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))
+        if not resume and run.exists():
+            shutil.rmtree(run)  # killed before its first checkpoint: start over
+        start = 0
+        if resume:
+            from moelab.train.checkpoint import checkpoint_dirs
+
+            start = json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"]
+        killed = sum(a.kill != "none" for a in attempts)
+        if killed >= kills:
+            kind, extra, delay = "none", {}, None
+        else:
+            kind = kinds[killed % len(kinds)] if killed < len(kinds) else rng.choice(kinds)
+            extra, delay = {}, None
+            if kind == "timed":
+                delay = rng.uniform(0.2, 1.0) * ref_seconds
+            else:
+                extra = {KILL_ENV: f"{kind}:{rng.randint(1, 3)}"}
+        p = subprocess.Popen(_train_cmd(run_cfg, run, resume), env=_env(extra), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate(timeout=delay)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            _, err = p.communicate()
+            timed_out = True
+        label = kind if kind != "timed" else f"timed {delay:.2f}s"
+        if kind != "none" and not timed_out and p.returncode == 0:
+            label = "none"  # it finished before the kill came
+        elif kind != "timed" and kind != "none" and p.returncode != -signal.SIGKILL and p.returncode != 0:
+            raise MoelabError(f"attempt {len(attempts)} failed instead of being killed (exit {p.returncode}):\n"
+                              f"{err[-2000:]}")
+        elif kind == "none" and p.returncode != 0:
+            raise MoelabError(f"the final attempt failed (exit {p.returncode}):\n{err[-2000:]}")
+        a = Attempt(len(attempts), start, label, _last_step(run))
+        a.checkpoints_verified, a.problems = _verify_all(run)
+        attempts.append(a)
+        if bar is not None and label != "none":
+            bar.update(1)
+        if label == "none" and p.returncode == 0:
+            break
+    if bar is not None:
+        bar.close()
+
+    from moelab.train.checkpoint import checkpoint_dirs
+
+    final_ref, final_run = checkpoint_dirs(ref)[-1], checkpoint_dirs(run)[-1]
+    nbytes, diffs = _compare(final_ref, final_run)
+    key = ("step", "loss", "lm_loss", "grad_norm", "aux")
+    ref_losses = [{k: r.get(k) for k in key} for r in read_metrics(ref) if r["kind"] == "train"]
+    run_losses = [{k: r.get(k) for k in key} for r in read_metrics(run) if r["kind"] == "train"]
+    if ref_losses != run_losses:
+        diffs.append("logged training losses differ from the uninterrupted run's")
+    unreadable = [p for a in attempts for p in a.problems]
+    result = {
+        "config": str(config) if config is not None else "built-in torture config", "steps": cfg.steps, "kills": sum(a.kill != "none" for a in attempts),
+        "kills_by_kind": _count(a.kill.split()[0] for a in attempts if a.kill != "none"),
+        "attempts": [a.__dict__ for a in attempts], "checkpoints_verified": sum(a.checkpoints_verified for a in attempts),
+        "unreadable_checkpoints": unreadable, "bytes_compared": nbytes, "differences": diffs,
+        "identical": not diffs and not unreadable, "final_step": _last_step(run),
+        "reference_seconds": ref_seconds, "seconds": time.perf_counter() - t0,
+    }
+    _write_report(out, result)
+    return result
+
+
+def _count(items) -> dict:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _write_report(out: Path, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moelab.fileio import write_atomic
+    from moelab.report import md_table, save_figure
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for a in r["attempts"]:
+        color = "tab:green" if a["kill"] == "none" else ("tab:red" if a["kill"].startswith("timed") else "tab:orange")
+        ax.plot([a["index"], a["index"]], [a["start_step"], a["reached_step"]], color=color, lw=3)
+        ax.plot(a["index"], a["reached_step"], "x" if a["kill"] != "none" else "o", color=color)
+    ax.set_xlabel("attempt"), ax.set_ylabel("training step")
+    ax.set_title(f"{r['kills']} SIGKILLs (red: random time, orange: inside a checkpoint save), "
+                 f"{'identical' if r['identical'] else 'DIFFERENT'} result", fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, out / "timeline.png")
+    md = ["# moelab ckpt torture", "",
+          f"{r['kills']} kills of `moelab train` ({', '.join(f'{k}: {v}' for k, v in r['kills_by_kind'].items())}), "
+          f"each followed by a resume; {r['checkpoints_verified']} checkpoint verifications after the kills, "
+          f"{len(r['unreadable_checkpoints'])} unreadable; final state vs the uninterrupted run: "
+          f"{r['bytes_compared']:,} bytes of tensors compared, "
+          f"{'bit-identical' if r['identical'] else 'differences: ' + '; '.join(r['differences'][:5])}.", "",
+          md_table(["attempt", "resumed from step", "kill", "last step logged", "checkpoints verified"],
+                   [[a["index"], a["start_step"], a["kill"], a["reached_step"], a["checkpoints_verified"]]
+                    for a in r["attempts"]]), "", "![timeline](timeline.png)", ""]
+    write_atomic(out / "report.md", "\n".join(md))
+    write_atomic(out / "result.json", json.dumps(r, indent=1) + "\n")
