@@ -132,7 +132,12 @@ def cmd_train(args, extra: list[str]) -> int:
         raise ConfigError("--nproc", args.nproc, "must be >= 1")
     world = launched_world_size()
     if args.nproc > 1 and world == 1:
+        from moelab.distributed.runtime import check_batch
+
         cfg.parallel.mesh_shape(args.nproc, cfg.model.moe.num_experts if cfg.model.moe else None)  # fail early
+        check_batch(cfg.batch_size, args.nproc)
+        if cfg.compile:
+            raise ConfigError("compile", True, "is not supported with several processes yet; drop --compile")
         return _launch(args)
     if world > 1:
         result = _train_rank(cfg, run_dir, bool(args.resume))

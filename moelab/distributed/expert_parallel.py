@@ -43,6 +43,7 @@ class A2AStats:
     back), and host seconds spent in all four all-to-alls, waiting for slower ranks included."""
 
     def __init__(self) -> None:
+        self.enabled = True  # False while activation checkpointing recomputes a block
         self.reset()
 
     def reset(self) -> None:
@@ -54,7 +55,8 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    stats.seconds += time.perf_counter() - t0
+    if stats.enabled:
+        stats.seconds += time.perf_counter() - t0
     return out
 
 
@@ -103,14 +105,15 @@ class _ExpertParallel(nn.Module):
     def _dispatch(self, x_AW: torch.Tensor, counts_E: list[int]):
         """(rows received for my experts, sorted by local expert; their counts; what _combine needs)."""
         P, L = self.world, self.local
-        counts_PL = torch.tensor(counts_E, dtype=torch.long).view(P, L)  # my rows for each rank's experts
+        counts_PL = torch.tensor(counts_E, dtype=torch.long).view(P, L)  # my rows for each rank's experts (CPU: gloo)
         recv_PL = torch.empty_like(counts_PL)
         dist.all_to_all_single(recv_PL, counts_PL, group=self.group)  # rows each rank sends me, per local expert
         send_splits = counts_PL.sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
         x_RW = _AllToAll.apply(x_AW, recv_splits, send_splits, self.group, self.stats)
-        self.stats.rows_sent += sum(send_splits) - send_splits[self.rank]
-        self.stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
+        if self.stats.enabled:
+            self.stats.rows_sent += sum(send_splits) - send_splits[self.rank]
+            self.stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
         # received rows are [from rank 0: local expert 0..L-1][from rank 1: ...]: regroup by local expert
         src_of = torch.arange(P).repeat_interleave(L)
         exp_of = torch.arange(L).repeat(P)

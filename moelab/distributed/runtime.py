@@ -63,6 +63,13 @@ class DistEnv:
     def barrier(self) -> None:
         dist.barrier()
 
+    def wait_for_main(self, hours: float = 24.0) -> None:
+        """A barrier for one-time work on rank 0 (data preparation) that may outlast
+        parallel.timeout_s: a gloo group with its own long timeout."""
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
+
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         dist.all_reduce(t, op=op)
         return t
@@ -87,6 +94,8 @@ def init_from_env(pcfg, num_experts: int | None) -> DistEnv | None:
     if cuda:
         torch.cuda.set_device(device)
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl":  # CUDA tensors over NCCL; the small CPU tensors (counts, metrics) over gloo
+        backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s))
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))

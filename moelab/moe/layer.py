@@ -107,6 +107,8 @@ class MoELayer(nn.Module):
         if capacity is not None:
             routing.kept_A = capacity_keep_mask(routing, capacity, self.router_cfg.drop_priority, seq_len=layout)
             kept = routing.select(routing.kept_A)
+        if hasattr(self.experts, "stats"):  # expert parallelism: a checkpointed recompute counts nothing
+            self.experts.stats.enabled = self.record_stats
         out_TD = dispatch_combine(self.experts, x_TD, kept, capacity)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

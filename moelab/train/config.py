@@ -54,9 +54,13 @@ class ParallelConfig:
             raise ConfigError("parallel.dp", self.dp, "must be >= 0 (0: world size / ep)")
         if self.shard not in ("fsdp", "replicate"):
             raise ConfigError("parallel.shard", self.shard, "must be 'fsdp' or 'replicate'")
-        for name in ("param_dtype", "reduce_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"parallel.{name}", getattr(self, name), f"must be one of {', '.join(DTYPES)}")
+        if self.param_dtype not in DTYPES:
+            raise ConfigError("parallel.param_dtype", self.param_dtype, f"must be one of {', '.join(DTYPES)}")
+        if self.reduce_dtype not in ("float32", "bfloat16"):
+            # NOTE: FSDP2 (torch 2.13) splits an fp16 reduction's division into pre- and post-factors
+            # and, on a 1-rank mesh, also divides once more: the experts' gradients would be 1/world^2
+            raise ConfigError("parallel.reduce_dtype", self.reduce_dtype, "must be float32 or bfloat16 (fp16 "
+                              "gradient reduction is not supported)")
         if not self.timeout_s > 0:
             raise ConfigError("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
         if self.backend not in ("auto", "gloo", "nccl"):

@@ -8,6 +8,7 @@ data position are all restored, and metrics after step s are discarded before co
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
 from moelab.data import PackedData, unigram_entropy
-from moelab.errors import ConfigError, MoelabError
+from moelab.errors import CheckpointError, ConfigError, MoelabError
 from moelab.model import MoETransformer, build_model
 from moelab.distributed.expert_parallel import expert_parallel_layers
 from moelab.moe.balancing import global_statistics, update_router_biases
@@ -127,7 +128,7 @@ def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batch
             n_local = len(idx) // env.world
             idx = idx[env.rank * n_local:(env.rank + 1) * n_local]
         ids, labels, dom = data.input_ids[idx], data.labels[idx], data.domain_ids[idx]
-        logits = model(ids).logits[:, :-1].float()
+        logits = model(ids.to(env.device) if env is not None else ids).logits[:, :-1].float().cpu()
         target, target_dom = labels[:, 1:], dom[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                              ignore_index=-100, reduction="none").double()
@@ -236,7 +237,7 @@ class Trainer:
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     self.data = prepare_run_data(self.cfg, None)
                     self.data.tokenizer.save(tok_path)
-                self.env.barrier()
+                self.env.wait_for_main()  # rank 0 may take long on a big corpus: not parallel.timeout_s
                 tokenizer = Tokenizer.load(tok_path) if not self.is_main else None
             if self.data is None:
                 self.data = prepare_run_data(self.cfg, tokenizer)
@@ -270,6 +271,7 @@ class Trainer:
                 plain.load_state_dict(state["optimizer"])
                 full_optim = full_optimizer_state(self.model, plain)
         if env is not None:
+            self.model.to(env.device)
             parallelize(self.model, env)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -301,6 +303,7 @@ class Trainer:
         n_global = int((labels[:, 1:] != -100).sum())
         lo = self.env.rank * self.local_batch
         ids, labels = ids[lo:lo + self.local_batch], labels[lo:lo + self.local_batch]
+        ids, labels = ids.to(self.env.device), labels.to(self.env.device)
         n_local = int((labels[:, 1:] != -100).sum())
         return ids, labels, n_local * self.env.world / max(n_global, 1)
 
@@ -322,13 +325,19 @@ class Trainer:
             if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             ids, labels, scale = self._micro_batch(batches)
+            # balance-loss counts over every rank's tokens (the global batch's), in the forward and in
+            # activation checkpointing's recompute during backward alike
             stats = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
-            with stats:  # balance-loss counts over every rank's tokens: the global batch's
+            with stats:
                 out = model(ids, labels=labels)
-            # the objective: lm loss as this rank's share of the global token mean, aux losses as they are
-            loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
-            (loss / cfg.grad_accum).backward()
-            for name, value in [("loss", loss), ("lm_loss", out.lm_loss * scale), *out.aux_losses.items()]:
+                # the objective: lm loss as this rank's share of the global token mean, aux losses as they are
+                if scale == 0.0:  # no target in this rank's share: its lm (and MTP) terms are empty, not NaN
+                    loss = sum(out.aux_losses.values(), out.lm_loss.new_zeros(()))
+                else:
+                    loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
+                (loss / cfg.grad_accum).backward()
+            lm_share = out.lm_loss * scale if scale else out.lm_loss.new_zeros(())
+            for name, value in [("loss", loss), ("lm_loss", lm_share), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             for k, value in enumerate(out.mtp_losses):  # unweighted, per depth
                 if k == len(mtp_sums):
@@ -394,7 +403,7 @@ class Trainer:
                  *[torch.tensor(per_layer[k], dtype=torch.float64) for k in layer_keys]]
         sizes = [p.numel() for p in parts]
         flat = torch.cat(parts) / env.world
-        count_flat = torch.cat([c.double() for c in counts]) if counts else torch.zeros(0, dtype=torch.float64)
+        count_flat = torch.cat([c.double().cpu() for c in counts]) if counts else torch.zeros(0, dtype=torch.float64)
         both = torch.cat([flat, count_flat])
         env.all_reduce(both)
         flat, count_flat = both[:flat.numel()], both[flat.numel():]
@@ -507,8 +516,20 @@ class Trainer:
             save_distributed_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                         self.position, self.cfg, self.tokenizer, self.cfg.keep_last, self.env)
             return
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
-                        self.cfg, self.tokenizer, self.cfg.keep_last)
+        try:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
+                            self.cfg, self.tokenizer, self.cfg.keep_last)
+        except OSError as e:  # disk full, permissions, ...: the temp directory is gone, older ones intact
+            from moelab.train.checkpoint import checkpoint_dirs
+
+            kept = checkpoint_dirs(self.run_dir)
+            why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EACCES: "permission denied", errno.EROFS: "the filesystem is read-only"}.get(
+                e.errno, e.strerror or type(e).__name__)
+            raise CheckpointError(
+                f"could not write checkpoint step_{self.step:06d} in {self.run_dir / 'checkpoints'}: {why} ({e}); "
+                + (f"the previous checkpoint {kept[-1].name} is intact: fix the cause and --resume {self.run_dir}"
+                   if kept else "no earlier checkpoint exists: fix the cause and train again")) from e
 
 
 def _progress(cfg: TrainConfig, start: int):

@@ -1,0 +1,179 @@
+"""Trustworthy runs: checkpoint manifests catch every truncated or flipped file, resume falls back to
+the newest intact checkpoint, a failed save (disk full, permissions) leaves the previous one intact,
+no pickle is ever executed, and the kill-and-resume harness ends bit-identical to an uninterrupted run."""
+
+import errno
+import json
+import pickle
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from moelab.cli import main
+from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.errors import CheckpointError
+from moelab.integrity import MANIFEST, check_directory, verify_directory
+from moelab.train import TrainConfig, Trainer, train
+from moelab.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from moelab.train.trainer import read_metrics
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    lines = [json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(50)), "domain": "w"})
+             for i in range(60)]
+    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _cfg(corpus, **kw):
+    model = ModelConfig(vocab_size=300, d_model=32, num_layers=2, max_seq_len=64, dense_ffn_dim=64,
+                        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                        moe=MoEConfig(num_experts=4, expert_ffn_dim=32, router=RouterConfig(top_k=2)))
+    base = dict(model=model, data=corpus, steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=0,
+                eval_batches=1, save_every=2, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rel") / "run"
+    train(_cfg(corpus), d)
+    return d
+
+
+def test_every_checkpoint_file_truncated_or_flipped_is_detected_by_name(run, tmp_path):
+    ckpt = checkpoint_dirs(run)[-1]
+    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    assert {"model.safetensors", "trainer_state.pt", "trainer_state.json", "config.yaml"} <= set(files)
+    assert check_directory(ckpt).ok
+    for rel in files:
+        for how in ("truncate", "flip"):
+            bad = tmp_path / f"{how}_{rel.replace('/', '_')}"
+            shutil.copytree(ckpt, bad)
+            data = bytearray((bad / rel).read_bytes())
+            if how == "truncate":
+                data = data[:len(data) // 2]
+            else:
+                data[len(data) // 2] ^= 0x10  # one bit
+            (bad / rel).write_bytes(bytes(data))
+            problems = check_directory(bad).problems
+            assert len(problems) == 1 and problems[0].startswith(rel), (rel, how, problems)
+            assert ("bytes" in problems[0]) if how == "truncate" else ("SHA-256" in problems[0])
+            with pytest.raises(CheckpointError, match=rel.replace(".", r"\.")):
+                verify_directory(bad)
+    gone = tmp_path / "missing"
+    shutil.copytree(ckpt, gone)
+    (gone / "tokenizer.json").unlink()
+    assert check_directory(gone).problems == ["tokenizer.json: missing"]
+    (gone / MANIFEST).write_text("{not json")
+    assert "manifest.json is unreadable" in check_directory(gone).problems[0]
+
+
+def test_ckpt_verify_cli(run, tmp_path, capsys):
+    assert main(["ckpt", "verify", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok ") == len(checkpoint_dirs(run))
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint_dirs(run)[-1], bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    assert main(["ckpt", "verify", str(bad), "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert not r["ok"] and "model.safetensors: SHA-256 differs" in r["checkpoints"][0]["problems"][0]
+
+
+def test_resume_and_load_fall_back_to_the_newest_intact_checkpoint(run, corpus, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    newest = checkpoint_dirs(d)[-1]
+    (newest / "trainer_state.pt").write_bytes((newest / "trainer_state.pt").read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_000004.*trainer_state\.pt"):
+        assert latest_checkpoint(d).name == "step_000002"
+    from moelab.loading import load
+
+    with pytest.warns(UserWarning, match="step_000004"):
+        load(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(_cfg(corpus, steps=4), d, resume=True).fit()  # redoes steps 3-4 from step 2
+    assert [r["loss"] for r in read_metrics(d) if r["kind"] == "train"] == \
+           [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("err,why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(err, why, corpus, tmp_path, monkeypatch):
+    import moelab.train.checkpoint as ck
+
+    real = ck.torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4)
+            raise OSError(err, "simulated")
+        return real(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    d = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=f"{why}.*step_000002 is intact"):
+        Trainer(_cfg(corpus), d).fit()
+    assert [c.name for c in checkpoint_dirs(d)] == ["step_000002"]
+    assert verify_directory(checkpoint_dirs(d)[0], require_manifest=True).ok
+    assert [p.name for p in (d / "checkpoints").iterdir()] == ["step_000002"]  # no temp directory left
+    monkeypatch.setattr(ck.torch, "save", real)
+    Trainer(_cfg(corpus), d, resume=True).fit()  # fixed: resume
+    assert latest_checkpoint(d).name == "step_000004"
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "run"
+    train(_cfg(corpus, steps=2), d)
+    ckpt = checkpoint_dirs(d)[-1]
+    with open(ckpt / "trainer_state.pt", "wb") as f:
+        pickle.dump({"optimizer": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):  # the manifest catches the swap first
+        Trainer(_cfg(corpus, steps=3), d, resume=True).fit()
+    from moelab.integrity import write_manifest
+
+    write_manifest(ckpt)  # an attacker who rewrites the manifest too: torch.load(weights_only=True) refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="unreadable trainer state"):
+            Trainer(_cfg(corpus, steps=3), d, resume=True).fit()
+    torch.save({"x": _Payload()}, ckpt / "trainer_state.pt")  # torch's own format with a pickled object
+    write_manifest(ckpt)
+    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+        Trainer(_cfg(corpus, steps=3), d, resume=True).fit()
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_bit_identical(tmp_path):
+    """The reduced CI version of `moelab ckpt torture` (docs/reliability.md has the full run)."""
+    from moelab.reliability import default_config, torture
+
+    cfg = default_config()
+    cfg.steps = 8
+    cfg.save(tmp_path / "cfg.yaml")
+    r = torture(tmp_path / "cfg.yaml", tmp_path / "t", kills=5, seed=1, progress=False)
+    assert r["identical"] and r["differences"] == [] and r["unreadable_checkpoints"] == []
+    assert r["kills"] >= 4 and r["bytes_compared"] > 100_000
+    assert set(r["kills_by_kind"]) >= {"ckpt-weights", "ckpt-state", "ckpt-manifest", "ckpt-rename"}
+    assert (tmp_path / "t" / "timeline.png").is_file() and (tmp_path / "t" / "report.md").is_file()
