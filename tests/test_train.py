@@ -118,7 +118,7 @@ def test_checkpoint_never_half_written(corpus_file, tmp_path, monkeypatch):
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ck.torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="step_000004 is intact"):
         train(cfg, tmp_path / "run")
     ckpt_root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_000004"]  # no temp dir, no half checkpoint
