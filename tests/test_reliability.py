@@ -177,3 +177,77 @@ def test_kill_and_resume_ends_bit_identical(tmp_path):
     assert r["kills"] >= 4 and r["bytes_compared"] > 100_000
     assert set(r["kills_by_kind"]) >= {"ckpt-weights", "ckpt-state", "ckpt-manifest", "ckpt-rename"}
     assert (tmp_path / "t" / "timeline.png").is_file() and (tmp_path / "t" / "report.md").is_file()
+
+
+def _poison(trainer, at_step: int, what: str, factor: float = float("nan")):
+    """From the step after ``at_step`` (once, or for good with "weight"): a NaN router weight, or the
+    loss multiplied by ``factor`` (NaN: a non-finite loss and gradients; 10: a spike)."""
+    real_step = trainer.train_step
+    fired = []
+
+    def step(batches):
+        if trainer.step == at_step and not fired:
+            fired.append(True)
+            if what == "weight":
+                with torch.no_grad():
+                    trainer.model.blocks[1].ffn.router.weight[0, 0] = float("nan")
+            else:
+                real_forward = trainer.model.forward
+
+                def forward(*a, **kw):
+                    out = real_forward(*a, **kw)
+                    out.loss = out.loss * factor
+                    return out
+
+                trainer.model.forward = forward
+                try:
+                    return real_step(batches)
+                finally:
+                    del trainer.model.forward
+        return real_step(batches)
+
+    trainer.train_step = step
+
+
+def test_a_nan_stops_training_naming_the_first_layer_and_saving_the_routing(corpus, tmp_path):
+    from moelab.train.trainer import NumericsError
+
+    t = Trainer(_cfg(corpus, steps=5), tmp_path / "run")
+    _poison(t, 2, "weight")
+    with pytest.raises(NumericsError, match=r"step 3: non-finite .*first non-finite output: blocks\.1\.ffn\.router"):
+        t.fit()
+    diag = tmp_path / "run" / "diagnostics" / "step_000003"
+    info = json.loads((diag / "diagnosis.json").read_text())
+    assert info["first_nonfinite_parameter"] == "blocks.1.ffn.router.weight"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(diag / "routing.safetensors"))
+    assert saved["blocks.0.ffn.router_logits"].shape == (4 * 32, 4) and torch.isfinite(saved["blocks.0.ffn.router_logits"]).all()
+    assert torch.isnan(saved["blocks.1.ffn.router_logits"]).any()
+    assert set(saved) >= {"blocks.0.ffn.expert_load", "blocks.1.ffn.expert_load"}
+
+
+def test_nonfinite_skip_drops_one_update_and_training_goes_on(corpus, tmp_path):
+    t = Trainer(_cfg(corpus, steps=5, nonfinite="skip"), tmp_path / "run")
+    _poison(t, 2, "loss")
+    with pytest.warns(UserWarning, match="step 3: non-finite .* update skipped"):
+        t.fit()
+    recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs if r["kind"] == "skipped"] == [3]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 4, 5]
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint(corpus, tmp_path):
+    cfg = _cfg(corpus, steps=9, save_every=3, spike_factor=3.0, spike_action="rollback", grad_clip=1.0)
+    t = Trainer(cfg, tmp_path / "run")
+    _poison(t, 6, "loss", factor=10.0)
+    with pytest.warns(UserWarning, match=r"step 7: loss spike .* rolled back to step_000006"):
+        t.fit()
+    recs = read_metrics(tmp_path / "run")
+    rb = [r for r in recs if r["kind"] == "rollback"]
+    assert len(rb) == 1 and rb[0]["from_step"] == 7 and rb[0]["step"] == 6
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 10))  # the spike's record dropped
+    assert t.step == 9
+    with pytest.raises(Exception, match="spike_factor"):
+        _cfg(corpus, spike_factor=0.5)

@@ -22,7 +22,8 @@ RUN_CONFIG = "config.yaml"  # the resolved run config in a run directory
 
 # Fields that may change when a run is resumed: they do not change the computation of past steps
 # (the parallel layout included: distributed checkpoints reshard to any layout).
-RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress", "parallel")
+RESUMABLE_FIELDS = ("steps", "save_every", "eval_every", "keep_last", "tensorboard", "progress", "parallel",
+                    "nonfinite", "max_skips", "spike_factor", "spike_window", "spike_action", "max_rollbacks")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -108,6 +109,16 @@ class TrainConfig:
     # torch.compile every block (MoETransformer.compile_blocks): the first steps pay the compile
     # time; results equal eager within fp32 tolerance, not bit for bit
     compile: bool = False
+    # numerics guards (moelab/train/numerics.py): a NaN/Inf loss or gradient "stop"s training with a
+    # diagnostic or "skip"s the update (at most max_skips times); a loss above spike_factor x the
+    # median of the last spike_window steps (0: off) is a spike: "warn", "stop" or "rollback" to the
+    # last checkpoint (at most max_rollbacks times), continuing on the data after the spike
+    nonfinite: str = "stop"
+    max_skips: int = 10
+    spike_factor: float = 0.0
+    spike_window: int = 20
+    spike_action: str = "warn"
+    max_rollbacks: int = 3
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
@@ -124,6 +135,15 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError("nonfinite", self.nonfinite, "must be 'stop' or 'skip'")
+        if self.spike_action not in ("warn", "stop", "rollback"):
+            raise ConfigError("spike_action", self.spike_action, "must be 'warn', 'stop' or 'rollback'")
+        if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
+            raise ConfigError("spike_factor", self.spike_factor, "must be 0 (off) or > 1 (x the recent median loss)")
+        for name in ("max_skips", "max_rollbacks", "spike_window"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if not self.lr > 0:

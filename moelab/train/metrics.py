@@ -62,6 +62,13 @@ class MetricsLog:
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
         self.file = open(path, "a")
 
+    def truncate(self, step: int) -> None:
+        """Drop the records after ``step`` (a rollback), keeping the file open for appending."""
+        self.file.close()
+        kept = [line for line, rec in parse_lines(self.path.read_text(), str(self.path)) if rec.get("step", 0) <= step]
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

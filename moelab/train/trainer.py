@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
 from moelab.data import PackedData, unigram_entropy
 from moelab.errors import CheckpointError, ConfigError, MoelabError
+
+
+class NumericsError(MoelabError):
+    """Training stopped by a numerics guard (non-finite step, loss spike)."""
 from moelab.model import MoETransformer, build_model
 from moelab.distributed.expert_parallel import expert_parallel_layers
 from moelab.moe.balancing import global_statistics, update_router_biases
@@ -49,6 +53,7 @@ from moelab.train.checkpoint import (
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
 from moelab.faults import maybe_inject_fault
 from moelab.train.metrics import MetricsLog, load_stats, parse_lines
+from moelab.train.numerics import SpikeDetector, describe, diagnose
 
 METRICS = "metrics.jsonl"
 # Per-layer routing metrics of MoELayer.last_metrics logged every step (mean over MoE layers).
@@ -186,6 +191,8 @@ class Trainer:
         arguments; :meth:`fit` joins the process group (``cfg.parallel``)."""
         self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
         self.env = None
+        self.skips = self.rollbacks = 0
+        self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window)
         if resume:
             self._check_resume()
         elif launched_world_size() <= 1:
@@ -360,6 +367,9 @@ class Trainer:
             for layer in self._all_moe_layers():  # the bias moves by the global load
                 env.all_reduce(layer.load_accum_E)
         lr = self.optimizer.param_groups[0]["lr"]
+        if self._nonfinite_step(float(grad_norm), sums.get("loss", 0.0), ids, labels):
+            return {"kind": "skipped", "step": self.step, "reason": "nonfinite", "loss": sums.get("loss"),
+                    "grad_norm": float(grad_norm), "lr": lr}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -385,6 +395,84 @@ class Trainer:
             record["parallel"] = parallel
         maybe_inject_fault(self.step, env.rank if env is not None else 0)
         return record
+
+    def _nonfinite_step(self, grad_norm: float, loss: float, ids, labels) -> bool:
+        """True when this step's update was skipped (``nonfinite="skip"``); raises for "stop". The
+        decision is global: a NaN on any rank is a NaN for every rank."""
+        cfg, env = self.cfg, self.env
+        bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
+        if env is not None:
+            flag = torch.tensor([float(bad)])
+            env.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            return False
+        step = self.step + 1
+        reason = f"loss {loss:g}, gradient norm {grad_norm:g}"
+        info = diagnose(self.model, ids, labels, self.run_dir / "diagnostics", step, reason, write=self.is_main)
+        if cfg.nonfinite == "stop" or self.skips >= cfg.max_skips:
+            why = "nonfinite=stop" if cfg.nonfinite == "stop" else f"max_skips={cfg.max_skips} reached"
+            raise NumericsError(f"step {step}: non-finite training step ({reason}); {describe(info)}. Stopped "
+                                f"({why}); resume from the last checkpoint with a lower lr or longer warmup, or "
+                                "set --nonfinite skip")
+        self.skips += 1
+        warnings.warn(f"step {step}: non-finite ({reason}), update skipped ({self.skips}/{cfg.max_skips}); "
+                      f"{describe(info)}", stacklevel=2)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        for layer in self._all_moe_layers():  # this step's load moves no bias
+            layer.load_accum_E.zero_()
+        self.step += 1
+        return True
+
+    def _after_step(self, record: dict, log) -> None:
+        """Loss-spike detection and its action (``spike_factor`` > 0)."""
+        cfg = self.cfg
+        if record["kind"] != "train" or not cfg.spike_factor:
+            return
+        median = self.spikes.check(record["loss"])
+        if median is None:
+            return
+        record["spike"] = {"median": median, "factor": record["loss"] / median}
+        what = (f"step {record['step']}: loss spike {record['loss']:.4f} = {record['loss'] / median:.2f}x the median "
+                f"{median:.4f} of the last {cfg.spike_window} steps")
+        if cfg.spike_action == "stop":
+            raise NumericsError(f"{what}; stopped (spike_action=stop)")
+        if cfg.spike_action == "warn":
+            warnings.warn(what, stacklevel=2)
+            return
+        self._rollback(what, record, log)
+
+    def _rollback(self, what: str, record: dict, log) -> None:
+        from moelab.distributed.checkpoint import load_distributed_checkpoint
+        from moelab.train.checkpoint import checkpoint_dirs
+
+        cfg = self.cfg
+        if not checkpoint_dirs(self.run_dir):
+            warnings.warn(f"{what}; no checkpoint to roll back to yet (set --save-every)", stacklevel=3)
+            return
+        if self.rollbacks >= cfg.max_rollbacks:
+            raise NumericsError(f"{what}; max_rollbacks={cfg.max_rollbacks} already used: stopped")
+        self.rollbacks += 1
+        ckpt = latest_checkpoint(self.run_dir)
+        if is_distributed(ckpt):
+            meta = load_distributed_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
+                                               rank=self.env.rank if self.env is not None else 0)
+        else:
+            state, meta = load_trainer_state(ckpt)
+            load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state)
+        self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
+        from_step, self.step = self.step, meta["step"]
+        self.spikes.history = self.spikes.history[:max(0, len(self.spikes.history) - (from_step - self.step))]
+        warnings.warn(f"{what}; rolled back to {ckpt.name}, continuing on the data after the spike "
+                      f"({self.rollbacks}/{cfg.max_rollbacks})", stacklevel=3)
+        if log is not None:  # steps after the checkpoint are dropped from the log, the event is kept
+            log.truncate(self.step)
+            log.write({"kind": "rollback", "step": self.step, "from_step": from_step, "loss": record["loss"],
+                       "median": record["spike"]["median"], "checkpoint": ckpt.name})
 
     def _all_moe_layers(self) -> list:
         from moelab.moe.layer import MoELayer
@@ -481,6 +569,12 @@ class Trainer:
                 record = self.train_step(batches)
                 if log is not None:
                     log.write(record)
+                self._after_step(record, log)
+                if record["kind"] != "train" or record.get("spike") and cfg.spike_action == "rollback":
+                    if bar is not None:
+                        bar.n = self.step
+                        bar.refresh()
+                    continue
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     val = self._eval(log)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -500,7 +594,7 @@ class Trainer:
                 bar.close()
             if log is not None:
                 log.close()
-        last = record["lm_loss"] if record else float("nan")
+        last = record.get("lm_loss", float("nan")) if record else float("nan")
         return RunResult(self.run_dir, self.step, last, val, self.entropy)
 
     def _eval(self, log: MetricsLog | None) -> dict:
