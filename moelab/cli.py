@@ -222,8 +222,16 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "eval":  # `moelab eval SOURCE ...` = `moelab eval lm SOURCE ...`
+        from moelab.cli_eval import EVALS
+
+        i = command + 1
+        if i < len(argv) and argv[i] not in EVALS and not argv[i].startswith("-"):
+            argv.insert(i, "lm")
     args, extra = parser.parse_known_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -1,10 +1,14 @@
-"""`moelab eval passkey | context SOURCE`: the Mixtral paper's long-context measurements (§3)."""
+"""`moelab eval lm | choice | passkey | context SOURCE`: loss and perplexity per domain with bootstrap
+intervals, zero-shot multiple choice, and the Mixtral paper's long-context measurements (§3).
+`moelab eval SOURCE --data ...` is short for `moelab eval lm SOURCE --data ...`."""
 
 from __future__ import annotations
 
 import json
 
 from moelab.errors import ConfigError
+
+EVALS = ("lm", "choice", "passkey", "context")
 
 
 def _numbers(flag: str, text: str | None, kind):
@@ -21,13 +25,54 @@ def _numbers(flag: str, text: str | None, kind):
 
 
 def register(sub, formatter) -> None:
-    p = sub.add_parser("eval", help="long-context evaluations: passkey retrieval, perplexity vs context length",
+    p = sub.add_parser("eval", help="perplexity per domain, multiple choice, passkey, perplexity vs context length",
                        formatter_class=formatter,
-                       description="Evaluations of the Mixtral paper's §3 (definitions in docs/eval.md).",
-                       epilog="examples:\n  moelab eval passkey runs/tiny --lengths 64,128,249 --out runs/tiny/passkey\n"
+                       description="Evaluations (definitions in docs/eval.md). `moelab eval SOURCE --data D` = "
+                                   "`moelab eval lm SOURCE --data D`.",
+                       epilog="examples:\n  moelab eval runs/tiny --data builtin --out runs/tiny/eval\n"
+                              "  moelab eval choice runs/tiny --tasks builtin --out runs/tiny/choice\n"
+                              "  moelab eval passkey runs/tiny --lengths 64,128,249 --out runs/tiny/passkey\n"
                               "  moelab eval passkey --quick --out runs/passkey_quick\n"
                               "  moelab eval context runs/tiny --lengths 16,32,64,128,256 --out runs/tiny/context")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+
+    m = ev.add_parser(
+        "lm", help="loss and perplexity overall and per domain, 95% bootstrap intervals over documents",
+        formatter_class=formatter,
+        description="Score every document of --data (each cut into windows of --seq-len tokens) and report the "
+                    "token-mean loss and perplexity overall and per domain, with percentile-bootstrap 95% intervals "
+                    "over documents. Works on moelab runs, checkpoints and models and on HF checkpoint directories.",
+        epilog="examples:\n  moelab eval lm runs/tiny --data builtin --out runs/tiny/eval\n"
+               "  moelab eval runs/tiny --data my.jsonl --split all --json   # the same, short form")
+    m.add_argument("source", help="a moelab run, checkpoint or model directory, or an HF directory")
+    m.add_argument("--data", default="builtin", help="builtin, a .txt file, a directory or a JSONL with text/domain")
+    m.add_argument("--split", default="val", help="val (default), train or all of the data's documents")
+    m.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    m.add_argument("--max-documents", type=int, help="score only the first N documents")
+    m.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", help="write result.json, report.md/.html and plots/ here")
+    m.add_argument("--json", action="store_true", help="print result.json to stdout")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_lm)
+
+    ch = ev.add_parser(
+        "choice", help="zero-shot multiple choice (log-likelihood per choice; acc and acc_norm ± stderr)",
+        formatter_class=formatter,
+        description="lm-evaluation-harness-style multiple choice on JSONL tasks ({task, context, choices, answer} "
+                    "per line) or on the built-in offline tasks generated from the corpus (math-answer, "
+                    "code-next-line). To run the harness's own tasks, see moelab.eval.harness (docs/eval.md).",
+        epilog="examples:\n  moelab eval choice runs/tiny --tasks builtin --out runs/tiny/choice\n"
+               "  moelab eval choice runs/tiny --tasks my_tasks.jsonl --json")
+    ch.add_argument("source", help="a moelab run, checkpoint or model directory, or an HF directory")
+    ch.add_argument("--tasks", default="builtin", help="builtin or a JSONL task file")
+    ch.add_argument("--per-task", type=int, default=100, help="builtin: questions per task")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--out", help="write result.json, report.md/.html and plots/ here")
+    ch.add_argument("--json", action="store_true", help="print result.json to stdout")
+    ch.add_argument("--no-progress", action="store_true")
+    ch.set_defaults(func=cmd_choice)
 
     q = ev.add_parser(
         "passkey", help="passkey retrieval accuracy by prompt length and key depth (heatmap)", formatter_class=formatter,
@@ -118,4 +163,38 @@ def cmd_context(args) -> int:
           f"{result['window']} tokens):")
     print("  " + "  ".join(f"{r['length']}: {r['bucket_ppl']:.2f}" for r in result["rows"]))
     print(f"report: {args.out}/report.md")
+    return 0
+
+
+def cmd_lm(args) -> int:
+    from moelab.eval import eval_lm
+
+    r = eval_lm(args.source, args.out, args.data, args.split, args.seq_len, args.max_documents, args.bootstrap,
+                args.seed, args.batch_size, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    o = r["overall"]
+    print(f"{r['source']} on {r['data']} ({r['split']}): loss {o['loss']:.4f}, perplexity {o['ppl']:.2f} "
+          f"[95% CI {o['ppl_ci95'][0]:.2f}-{o['ppl_ci95'][1]:.2f}] over {o['tokens']:,} tokens, {o['documents']} documents")
+    for d, v in r["domains"].items():
+        print(f"  {d:<12} loss {v['loss']:.4f}  ppl {v['ppl']:.2f} [{v['ppl_ci95'][0]:.2f}-{v['ppl_ci95'][1]:.2f}]  "
+              f"{v['tokens']:,} tokens")
+    if args.out:
+        print(f"report: {args.out}/report.md")
+    return 0
+
+
+def cmd_choice(args) -> int:
+    from moelab.eval import eval_choice
+
+    r = eval_choice(args.source, args.out, args.tasks, args.per_task, args.seed, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    for name, t in r["tasks"].items():
+        print(f"{name:<16} n={t['n']:<4} acc {t['acc']:.3f} ± {t['acc_stderr']:.3f}  acc_norm {t['acc_norm']:.3f} ± "
+              f"{t['acc_norm_stderr']:.3f}  (chance {t['chance']:.3f})")
+    if args.out:
+        print(f"report: {args.out}/report.md")
     return 0
