@@ -17,9 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,harness]"
+	touch $@
+
 setup: $(VENV)/.installed
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -58,7 +58,7 @@ class MoelabLM(LM):
         return loglikelihoods(self.model, self.tok, pairs, self.max_length, batch_size=self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [-_rolling(self.model, self.tok, [Document(r.args[0], "text")], self.max_length, self.batch_size)
+        return [-_rolling(self.model, self.tok, [Document(r.args[0], "text", "0")], self.max_length, self.batch_size)
                 for r in requests]
 
     def generate_until(self, requests) -> list[str]:
