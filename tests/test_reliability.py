@@ -251,3 +251,25 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint(corpus, tmp_path):
     assert t.step == 9
     with pytest.raises(Exception, match="spike_factor"):
         _cfg(corpus, spike_factor=0.5)
+
+
+def test_compare_numbers_are_the_runs_own(corpus, tmp_path, capsys):
+    from moelab.compare import compare_runs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(corpus, steps=4, eval_every=2), a)
+    train(_cfg(corpus, steps=4, eval_every=2, lr=1e-2), b)
+    r = compare_runs([a, b], tmp_path / "cmp")
+    for run, s in zip((a, b), r["runs"]):
+        recs = read_metrics(run)
+        tr = [x for x in recs if x["kind"] == "train"]
+        ev = [x for x in recs if x["kind"] == "eval"]
+        assert s["train_lm_loss"] == tr[-1]["lm_loss"] and s["val_loss"] == ev[-1]["val_loss"]
+        assert s["median_tokens_per_s"] == sorted(x["tokens_per_s"] for x in tr[1:])[1]  # median of 3
+        assert s["max_load_last"] == tr[-1]["max_load"] and s["val_domains"] == {"w": ev[-1]["domains"]["w"]["ppl"]}
+    assert r["runs"][0]["total_params"] == r["runs"][1]["total_params"] > 0
+    for f in ("report.md", "report.html", "result.json", "plots/loss.png", "plots/load_balance.png",
+              "plots/val_ppl_by_domain.png", "plots/tokens_per_s.png"):
+        assert (tmp_path / "cmp" / f).is_file(), f
+    assert main(["compare", str(a)]) == 2 and "at least two" in capsys.readouterr().err
+    assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
