@@ -37,10 +37,10 @@ def register(sub, formatter) -> None:
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
 
     m = ev.add_parser(
-        "lm", help="loss and perplexity overall and per domain, 95% bootstrap intervals over documents",
+        "lm", help="loss and perplexity overall and per domain, 95%% bootstrap intervals over documents",
         formatter_class=formatter,
         description="Score every document of --data (each cut into windows of --seq-len tokens) and report the "
-                    "token-mean loss and perplexity overall and per domain, with percentile-bootstrap 95% intervals "
+                    "token-mean loss and perplexity overall and per domain, with percentile-bootstrap 95%% intervals "
                     "over documents. Works on moelab runs, checkpoints and models and on HF checkpoint directories.",
         epilog="examples:\n  moelab eval lm runs/tiny --data builtin --out runs/tiny/eval\n"
                "  moelab eval runs/tiny --data my.jsonl --split all --json   # the same, short form")

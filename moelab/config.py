@@ -61,10 +61,15 @@ AOE_NORMS = ("l2", "l1", "linf")
 AOE_SELECTIONS = ("topk", "top_p", "expert_choice")
 
 
+MAX_SIZE = 2**31 - 1  # any one size (dimension, count, length): beyond it no tensor can be built
+
+
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
+    if value is None or value < 0 or (value == 0 and not allow_zero) or value != value:
         need = "a non-negative number" if allow_zero else "a positive number"
         raise ConfigError(name, value, f"must be {need}")
+    if value > MAX_SIZE:
+        raise ConfigError(name, value, f"is too large (at most {MAX_SIZE:,})")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -661,6 +666,11 @@ class ModelConfig:
             self.mtp = _from_dict(MTPConfig, self.mtp, "mtp")
         for name in ("vocab_size", "d_model", "num_layers", "max_seq_len", "dense_ffn_dim"):
             _positive(name, getattr(self, name))
+        biggest = max(self.vocab_size, self.dense_ffn_dim, 3 * self.attention.num_heads * (self.attention.head_dim or 1),
+                      (self.moe.num_experts * self.moe.expert_ffn_dim) if self.moe is not None else 0) * self.d_model
+        if biggest >= 2**62:
+            raise ConfigError("d_model", self.d_model, f"with these sizes one weight would hold {biggest:.3g} values, "
+                              "more than a tensor can; shrink the model")
         _choice("norm", self.norm, NORM_TYPES)
         _positive("norm_eps", self.norm_eps)
         _choice("activation", self.activation, ACTIVATIONS)
@@ -794,6 +804,66 @@ def _dataclass_type(tp: Any) -> type | None:
     return None
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the field's type hint (int, float, bool, str, ``X | None``,
+    ``tuple[X, ...]``, ``Literal``); a mismatch is a ConfigError naming the field, so a wrong type in
+    a config file never reaches torch. ints are accepted for floats; bools are not ints here."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(name, value, f"must be {_describe(hint)}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(name, value, f"must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, value, f"must be a list ({_describe(hint)})")
+        item = args[0] if args else Any
+        return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, value, "must be a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(name, value, "must be an integer")
+        return value
+    if hint in (bool, str):
+        if not isinstance(value, hint):
+            raise ConfigError(name, value, f"must be {_TYPE_WORDS[hint]}")
+        return value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if hint in _TYPE_WORDS:
+        return _TYPE_WORDS[hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(_describe(a) for a in args) or str(hint)
+
+
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from a plain dict, recursing into nested configs; unknown keys raise."""
     where = prefix or "config"
@@ -809,11 +879,17 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
         )
     kwargs = {}
     for key, value in data.items():
+        name = f"{prefix + '.' if prefix else ''}{key}"
         sub = _dataclass_type(hints[key])
         if sub is not None and isinstance(value, dict):
-            value = _from_dict(sub, value, f"{prefix + '.' if prefix else ''}{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
+            value = _from_dict(sub, value, name)
+        elif sub is not None and not dataclasses.is_dataclass(value):
+            optional = type(None) in typing.get_args(hints[key])
+            if not (value is None and optional):
+                raise ConfigError(name, value, f"must be a mapping of {sub.__name__} fields" + (" or null" if optional
+                                                                                               else ""))
+        elif sub is None:
+            value = _coerce(name, value, hints[key])
         kwargs[key] = value
     try:
         return cls(**kwargs)
