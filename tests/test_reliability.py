@@ -273,3 +273,29 @@ def test_compare_numbers_are_the_runs_own(corpus, tmp_path, capsys):
         assert (tmp_path / "cmp" / f).is_file(), f
     assert main(["compare", str(a)]) == 2 and "at least two" in capsys.readouterr().err
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
+
+
+def test_no_load_path_unpickles():
+    """Every torch.load in moelab passes weights_only=True, and the only unpickling is DCP metadata
+    through the allowlisting unpickler (tests/test_distributed.py shows it refusing a payload)."""
+    import re
+    from pathlib import Path
+
+    import moelab
+
+    root = Path(moelab.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
+        assert not re.search(r"pickle\.loads?\(|cloudpickle|dill\.", text), path
+        if "Unpickler" in text:
+            assert path.name == "checkpoint.py" and "find_class" in text, path
+
+
+def test_a_run_that_fails_before_starting_leaves_no_directory(tmp_path):
+    from moelab.errors import MoelabError
+
+    with pytest.raises(MoelabError):
+        train(_cfg(str(tmp_path / "missing.jsonl")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -534,10 +535,16 @@ class Trainer:
 
     def _fit(self) -> RunResult:
         cfg = self.cfg
+        created = not self.resume and not self.run_dir.exists()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._setup_data()
-        self._setup_model()
+        try:
+            self._setup_data()
+            self._setup_model()
+        except BaseException:
+            if created and self.is_main:  # a new run that never started leaves no directory behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         if not self.resume and self.is_main:
             cfg.save(self.run_dir / RUN_CONFIG)
             self.tokenizer.save(self.run_dir / "tokenizer.json")
