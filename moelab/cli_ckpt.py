@@ -29,7 +29,7 @@ def register(sub, formatter) -> None:
                                   "is bit-identical to an uninterrupted run's (docs/reliability.md).",
                       epilog="examples:\n  moelab ckpt torture --kills 20 --out runs/torture\n"
                              "  moelab ckpt torture run.yaml --kills 5 --out runs/torture_mine --json")
-    t.add_argument("config", nargs="?", help="run config (YAML); default: a small built-in run (40 steps)")
+    t.add_argument("config", nargs="?", help="run config (YAML); default: a small built-in run (80 steps)")
     t.add_argument("--kills", type=int, default=20)
     t.add_argument("--steps", type=int, help="override the config's steps")
     t.add_argument("--out", required=True, help="directory for the runs, result.json, report.md, timeline.png")

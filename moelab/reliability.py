@@ -124,7 +124,7 @@ def _compare(a: Path, b: Path) -> tuple[int, list[str]]:
 
 
 def default_config():
-    """A small run on the built-in corpus (2 MoE layers of 4 experts, 40 steps) for the harness."""
+    """A small run on the built-in corpus (2 MoE layers of 4 experts, 80 steps) for the harness."""
     from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
     from moelab.train.config import TrainConfig
 
@@ -132,7 +132,7 @@ def default_config():
                         attention=AttentionConfig(num_heads=4, num_kv_heads=2),
                         moe=MoEConfig(num_experts=4, expert_ffn_dim=64,
                                       router=RouterConfig(top_k=2, load_balance_coef=0.01, z_loss_coef=1e-3)))
-    return TrainConfig(model=model, steps=40, batch_size=8, seq_len=64, warmup_steps=4, eval_batches=1)
+    return TrainConfig(model=model, steps=80, batch_size=8, seq_len=64, warmup_steps=4, eval_batches=1)
 
 
 def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, progress: bool = True) -> dict:
@@ -166,6 +166,7 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
 
         bar = tqdm(total=kills, desc="kills", unit="kill")
     kinds = [*KILL_PHASES, "timed", "timed"]
+    phase_seconds: list[float] = []  # how long an attempt killed inside a save ran: the timed kills' scale
     while True:
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))
         if not resume and run.exists():
@@ -181,10 +182,12 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
         else:
             kind = kinds[killed % len(kinds)] if killed < len(kinds) else rng.choice(kinds)
             extra, delay = {}, None
-            if kind == "timed":
-                delay = rng.uniform(0.2, 1.0) * ref_seconds
+            if kind == "timed":  # within the first few steps after start-up, like the phase kills
+                typical = sorted(phase_seconds)[len(phase_seconds) // 2] if phase_seconds else 0.3 * ref_seconds
+                delay = rng.uniform(0.5, 1.5) * typical
             else:
                 extra = {KILL_ENV: f"{kind}:{rng.randint(1, 3)}"}
+        started = time.perf_counter()
         p = subprocess.Popen(_train_cmd(run_cfg, run, resume), env=_env(extra), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         try:
@@ -195,6 +198,8 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
             _, err = p.communicate()
             timed_out = True
         label = kind if kind != "timed" else f"timed {delay:.2f}s"
+        if kind in KILL_PHASES and p.returncode == -signal.SIGKILL:
+            phase_seconds.append(time.perf_counter() - started)
         if kind != "none" and not timed_out and p.returncode == 0:
             label = "none"  # it finished before the kill came
         elif kind != "timed" and kind != "none" and p.returncode != -signal.SIGKILL and p.returncode != 0:
