@@ -200,8 +200,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import shutil
-
     from moelab.interop.hf import export_hf
     from moelab.loading import load
     from moelab.serialization import save_model
@@ -214,10 +212,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     if args.family:
         raise MoelabError("--family applies only with --to hf")
-    out = save_model(model, args.dst)
     tokenizer = Path(getattr(model, "source_dir", "") or "") / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copy2(tokenizer, out / "tokenizer.json")
+    out = save_model(model, args.dst, extra_files={"tokenizer.json": tokenizer} if tokenizer.is_file() else None)
     print(f"wrote {out} (moelab config.yaml + model.safetensors)")
     return 0
 

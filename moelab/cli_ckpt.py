@@ -91,9 +91,11 @@ def cmd_torture(args) -> int:
         from moelab.reliability import default_config
         from moelab.train.config import TrainConfig
 
+        import tempfile
+
         cfg = TrainConfig.load(config) if config else default_config()
         cfg.steps = args.steps
-        config = Path(args.out + ".config.yaml")
+        config = Path(tempfile.mkdtemp(prefix="moelab-torture-")) / "config.yaml"
         cfg.save(config)
     r = torture(config, Path(args.out), kills=args.kills, seed=args.seed, progress=not args.no_progress)
     if args.json:

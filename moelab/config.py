@@ -68,7 +68,9 @@ def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero) or value != value:
         need = "a non-negative number" if allow_zero else "a positive number"
         raise ConfigError(name, value, f"must be {need}")
-    if value > MAX_SIZE:
+    if isinstance(value, float) and math.isinf(value):
+        raise ConfigError(name, value, "must be finite")
+    if isinstance(value, int) and value > MAX_SIZE:  # sizes; float settings (rope_theta ...) have no bound
         raise ConfigError(name, value, f"is too large (at most {MAX_SIZE:,})")
 
 

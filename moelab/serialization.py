@@ -91,11 +91,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_model(model: MoETransformer, directory: str | os.PathLike) -> Path:
-    """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically."""
+def save_model(model: MoETransformer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
+    """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically, with a manifest;
+    ``extra_files``: {name: source path} copied in first (a tokenizer), so the manifest covers them."""
     directory = Path(directory)
     with atomic_directory(directory, manifest=True) as tmp:
         write_model_files(model, tmp)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
     return directory
 
 

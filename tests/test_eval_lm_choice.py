@@ -156,3 +156,36 @@ def test_lm_eval_harness_adapter_matches_moelab_scoring(model_dir, tmp_path):
     want = evaluate_choices(model, tok, qs, model.config.max_seq_len)["local"]
     assert got["acc,none"] == pytest.approx(want["acc"]) and got["acc_norm,none"] == pytest.approx(want["acc_norm"])
     assert got["acc_stderr,none"] == pytest.approx(want["acc_stderr"])
+    # rolling log-likelihood: every token once, the first given the eos prefix token (by hand)
+    from lm_eval.api.instance import Instance
+
+    lm = MoelabLM(model, tok)
+    text = "one two three four five six seven eight"  # longer than one window (max_seq_len 16)? check both
+    ids = tok.encode(text)
+    (ll,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    if len(ids) + 1 <= model.config.max_seq_len:
+        full = torch.tensor([[tok.eos_id] + ids])
+        with torch.no_grad():
+            logp = F.log_softmax(model(full[:, :-1]).logits[0].float(), -1)
+        assert ll == pytest.approx(float(logp.gather(1, full[0, 1:, None]).sum()), rel=1e-5)
+    long_text = " ".join([text] * 6)
+    (ll_long,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)])
+    assert ll_long < ll < 0  # more tokens, each scored once
+    (empty,) = lm.loglikelihood([Instance("loglikelihood", {}, ("", " beta"), 0)])  # the eos prefix token
+    assert empty[0] < 0
+    (gen,) = lm.generate_until([Instance("generate_until", {}, (long_text * 3, {"until": ["\n"], "max_gen_toks": 4}), 0)])
+    assert isinstance(gen, str)  # a prompt longer than the context is cut from the left
+
+
+def test_eval_lm_on_an_hf_checkpoint_equals_the_moelab_model(model_dir, tmp_path):
+    """The same weights exported to a Hugging Face directory score the same (moelab.load reads it)."""
+    pytest.importorskip("transformers")
+    from moelab.eval import eval_lm
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "domain": "x"}) + "\n" for t in TEXTS))
+    assert main(["convert", str(model_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    a = eval_lm(str(model_dir), None, str(data), "all", resamples=10, progress=False)
+    b = eval_lm(str(tmp_path / "hf"), None, str(data), "all", resamples=10, progress=False)
+    assert b["overall"]["tokens"] == a["overall"]["tokens"]
+    assert b["overall"]["loss"] == pytest.approx(a["overall"]["loss"], rel=1e-5)

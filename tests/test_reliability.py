@@ -107,11 +107,39 @@ def test_resume_and_load_fall_back_to_the_newest_intact_checkpoint(run, corpus, 
         Trainer(_cfg(corpus, steps=4), d, resume=True).fit()  # redoes steps 3-4 from step 2
     assert [r["loss"] for r in read_metrics(d) if r["kind"] == "train"] == \
            [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
+    # the corrupt step was set aside (never pruned in place of new, intact checkpoints) and redone
+    assert (d / "checkpoints" / "corrupt_step_000004").is_dir()
+    assert latest_checkpoint(d).name == "step_000004" and check_directory(latest_checkpoint(d)).ok
 
 
-@pytest.mark.parametrize("err,why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")])
+def test_an_interrupted_replace_is_reported_and_repaired_on_resume(run, corpus, tmp_path):
+    """A crash between moving step_N aside and renaming its replacement in (kill point ckpt-rename)."""
+    import os
+
+    from moelab.train.checkpoint import recover_checkpoints
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    root = d / "checkpoints"
+    os.replace(root / "step_000004", root / ".step_000004.old-123")
+    (root / ".step_000004.tmp-abc").mkdir()  # the unfinished replacement
+    with pytest.warns(UserWarning, match="step_000004 was being replaced"):
+        assert latest_checkpoint(d).name == "step_000002"
+    assert recover_checkpoints(d) == ["restored step_000004 (its replacement was interrupted)",
+                                      "removed unfinished .step_000004.tmp-abc"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004"]
+    assert check_directory(root / "step_000004").ok
+
+
+TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 114624 vs 114516")
+
+
+@pytest.mark.parametrize("err,why", [(OSError(errno.ENOSPC, "simulated"), "the disk is full"),
+                                     (OSError(errno.EACCES, "simulated"), "permission denied"),
+                                     (TORCH_FULL, "the disk is full")])  # what torch.save raises on a full disk
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(err, why, corpus, tmp_path, monkeypatch):
     import moelab.train.checkpoint as ck
+    import moelab.train.trainer as tr
 
     real = ck.torch.save
     calls = {"n": 0}
@@ -119,10 +147,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(err, why, corp
     def failing_save(obj, path, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint (step 4)
-            raise OSError(err, "simulated")
+            raise err
         return real(obj, path, *a, **kw)
 
     monkeypatch.setattr(ck.torch, "save", failing_save)
+    if isinstance(err, RuntimeError):  # no errno: the free space tells
+        monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     d = tmp_path / "run"
     with pytest.raises(CheckpointError, match=f"{why}.*step_000002 is intact"):
         Trainer(_cfg(corpus), d).fit()
@@ -130,6 +160,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(err, why, corp
     assert verify_directory(checkpoint_dirs(d)[0], require_manifest=True).ok
     assert [p.name for p in (d / "checkpoints").iterdir()] == ["step_000002"]  # no temp directory left
     monkeypatch.setattr(ck.torch, "save", real)
+    monkeypatch.undo()
     Trainer(_cfg(corpus), d, resume=True).fit()  # fixed: resume
     assert latest_checkpoint(d).name == "step_000004"
 
@@ -251,6 +282,17 @@ def test_a_loss_spike_rolls_back_to_the_last_checkpoint(corpus, tmp_path):
     assert t.step == 9
     with pytest.raises(Exception, match="spike_factor"):
         _cfg(corpus, spike_factor=0.5)
+    with pytest.raises(Exception, match="spike_window"):
+        _cfg(corpus, spike_window=0)
+
+
+def test_a_warned_spike_is_in_the_metrics(corpus, tmp_path):
+    t = Trainer(_cfg(corpus, steps=8, spike_factor=3.0, grad_clip=1.0), tmp_path / "run")
+    _poison(t, 6, "loss", factor=10.0)
+    with pytest.warns(UserWarning, match="step 7: loss spike"):
+        t.fit()
+    spikes = [r for r in read_metrics(tmp_path / "run") if r.get("spike")]
+    assert [r["step"] for r in spikes] == [7] and spikes[0]["spike"]["factor"] > 3
 
 
 def test_compare_numbers_are_the_runs_own(corpus, tmp_path, capsys):

@@ -115,7 +115,6 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
                                 tokenizer, keep_last: int, env) -> Path:
     """Every rank calls this; rank 0 writes the small files and publishes the directory."""
     from moelab.config import save_config
-    from moelab.train.checkpoint import checkpoint_dirs
 
     root = Path(run_dir) / "checkpoints"
     target = root / f"step_{step:06d}"
@@ -147,8 +146,11 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        for stale in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+        from moelab.serialization import _fsync_dir
+        from moelab.train.checkpoint import prune
+
+        _fsync_dir(root)
+        prune(run_dir, keep_last)
     env.barrier()
     return target
 

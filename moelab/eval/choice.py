@@ -103,18 +103,34 @@ def builtin_tasks(n_per_task: int = 100, seed: int = 0) -> list[Question]:
     return out
 
 
-@torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_len: int, batch_size: int = 16,
                    progress: bool = False) -> list[tuple[float, bool]]:
-    """(log p(continuation | context), whether it is the greedy continuation) per request; the context
-    is cut from the left to fit ``max_len``."""
-    encoded = []
+    """(log p(continuation | context), whether it is the greedy continuation) per request; context
+    and continuation are tokenised apart, an empty context is the eos token (the harness's prefix
+    token), and the context is cut from the left to fit ``max_len``."""
+    pairs = []
     for ctx, cont in requests:
         c_ids, x_ids = tokenizer.encode(ctx), tokenizer.encode(cont)
         if not x_ids:
             raise DataError(f"continuation {cont!r} has no tokens")
+        if not c_ids:
+            c_ids = [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+        pairs.append((c_ids, x_ids))
+    return score_tokens(model, pairs, max_len, batch_size, progress)
+
+
+@torch.no_grad()
+def score_tokens(model, pairs: list[tuple[list[int], list[int]]], max_len: int, batch_size: int = 16,
+                 progress: bool = False) -> list[tuple[float, bool]]:
+    """Token-level scoring: (sum of log p of the continuation ids after the context ids, greedy?);
+    the context (at least one id) is cut from the left so the whole continuation fits ``max_len``."""
+    encoded = []
+    for c_ids, x_ids in pairs:
+        if not c_ids:
+            raise DataError("a continuation needs at least one context token")
+        x_ids = x_ids[-max_len:]
         ids = (c_ids + x_ids)[-max_len - 1:]  # +1: the last token is only a target
-        encoded.append((ids, min(len(x_ids), len(ids) - 1)))
+        encoded.append((ids, len(x_ids)))
     results: list[tuple[float, bool] | None] = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     bar = None

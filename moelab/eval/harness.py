@@ -10,9 +10,12 @@ after ``import moelab.eval.harness`` registers it (``--include_path`` / a plugin
 is an optional dependency, imported when this module is.
 
 The three request types map onto moelab's scoring: ``loglikelihood`` is
-:func:`moelab.eval.choice.loglikelihoods` (context and continuation tokenised apart, the context cut
-from the left), ``loglikelihood_rolling`` is :func:`moelab.eval.lm.document_nll` without the eos,
-and ``generate_until`` is the batched engine, greedy, with the request's stop strings.
+:func:`moelab.eval.choice.loglikelihoods` (context and continuation tokenised apart, an empty context
+replaced by the eos token as the harness's prefix token, the context cut from the left);
+``loglikelihood_rolling`` scores every token of the text exactly once, the first given the eos
+prefix token, in the harness's own rolling windows (``lm_eval.utils.get_rolling_token_windows``,
+each window with as much context as fits); ``generate_until`` is the batched engine, greedy, with
+the request's stop strings, the prompt cut from the left to leave room for ``max_gen_toks``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("moelab.eval.harness needs lm-evaluation-harness: pip install lm_eval") from e
 
-from moelab.data.corpus import Document
-from moelab.eval.choice import loglikelihoods
-from moelab.eval.lm import document_nll
+from moelab.eval.choice import loglikelihoods, score_tokens
 
 
 @register_model("moelab")
@@ -58,8 +59,18 @@ class MoelabLM(LM):
         return loglikelihoods(self.model, self.tok, pairs, self.max_length, batch_size=self.batch_size)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [-_rolling(self.model, self.tok, [Document(r.args[0], "text", "0")], self.max_length, self.batch_size)
-                for r in requests]
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        prefix = self.tok.eos_id if self.tok.eos_id is not None else 0
+        out = []
+        for r in requests:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok.encode(r.args[0]), prefix_token=prefix, max_seq_len=self.max_length,
+                context_len=1)]
+            scores = score_tokens(self.model, [(list(c), list(p)) for c, p in windows], self.max_length,
+                                  batch_size=self.batch_size)
+            out.append(sum(s for s, _ in scores))
+        return out
 
     def generate_until(self, requests) -> list[str]:
         from moelab.engine import generate_batch
@@ -69,21 +80,9 @@ class MoelabLM(LM):
             context, kwargs = r.args[0], (r.args[1] if len(r.args) > 1 else {}) or {}
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            res = generate_batch(self.model, [context], max_new_tokens=int(kwargs.get("max_gen_toks", 64)),
-                                 tokenizer=self.tok, temperature=0.0, stop_strings=until)
+            new = max(1, min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1))
+            ids = self.tok.encode(context)[-(self.max_length - new):] or [self.tok.eos_id or 0]
+            res = generate_batch(self.model, [ids], max_new_tokens=new, tokenizer=self.tok, temperature=0.0,
+                                 stop_strings=until)
             out.append(res[0].text)
         return out
-
-
-def _rolling(model, tok, docs, max_len, batch_size) -> float:
-    """Summed NLL of the text alone (no eos appended), windows of ``max_len`` tokens."""
-    class _NoEos:
-        def __init__(self, t):
-            self.t = t
-            self.eos_id = None
-
-        def encode(self, s):
-            return self.t.encode(s)
-
-    rows = document_nll(model, _NoEos(tok), docs, max_len, batch_size=batch_size)
-    return sum(r[1] for r in rows)

@@ -49,6 +49,34 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints; each is renamed to a hidden temp name
+    first, so a crash mid-delete never leaves a visible, partly deleted checkpoint."""
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        hidden = old.with_name(f".{old.name}.tmp-prune")
+        try:
+            os.replace(old, hidden)
+        except OSError:
+            continue
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def set_aside_newer(run_dir: Path, chosen: Path) -> list[str]:
+    """Resuming from ``chosen`` abandons the checkpoints after it (they failed verification, or
+    belong to a future that is being redone): rename them ``corrupt_step_N`` so pruning can never
+    keep them in place of new, intact ones. Returns what was moved."""
+    moved = []
+    step = int(_STEP_DIR.match(chosen.name).group(1))
+    for d in checkpoint_dirs(run_dir):
+        if int(_STEP_DIR.match(d.name).group(1)) > step:
+            target = d.with_name(f"corrupt_{d.name}")
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(d, target)
+            moved.append(f"{d.name} -> {target.name}")
+    return moved
+
+
 _HIDDEN = re.compile(r"^\.(step_\d+)\.(tmp|old)-")
 
 
@@ -79,6 +107,13 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path:
     or corrupt is skipped with a warning naming it and why (a checkpoint without a manifest, from
     before manifests, is accepted)."""
     dirs = checkpoint_dirs(run_dir)
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():  # an interrupted re-save left the old copy aside: say so (resuming repairs it)
+        for p in root.iterdir():
+            m = _HIDDEN.match(p.name)
+            if m and m.group(2) == "old" and not (root / m.group(1)).exists():
+                warnings.warn(f"{root}: {m.group(1)} was being replaced when a process died (its previous copy is "
+                              f"{p.name}); resume the run to restore it", stacklevel=2)
     if not dirs:
         raise CheckpointError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/; train with --save-every or let a run finish")
     if not verify:
@@ -127,8 +162,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         kill_point("ckpt-state")
     kill_point("ckpt-prune")
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep_last)
     return target
 
 

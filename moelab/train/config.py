@@ -143,9 +143,11 @@ class TrainConfig:
             raise ConfigError("spike_action", self.spike_action, "must be 'warn', 'stop' or 'rollback'")
         if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
             raise ConfigError("spike_factor", self.spike_factor, "must be 0 (off) or > 1 (x the recent median loss)")
-        for name in ("max_skips", "max_rollbacks", "spike_window"):
+        for name in ("max_skips", "max_rollbacks"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.spike_window < 1:
+            raise ConfigError("spike_window", self.spike_window, "must be >= 1 (steps in the median)")
         if not self.lr > 0:
             raise ConfigError("lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
 from moelab.data import PackedData, unigram_entropy
+
 from moelab.errors import CheckpointError, ConfigError, MoelabError
 
 
@@ -48,6 +51,7 @@ from moelab.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     recover_checkpoints,
+    set_aside_newer,
     restore_rng,
     save_checkpoint,
 )
@@ -270,6 +274,11 @@ class Trainer:
         if self.resume and env is not None:
             env.barrier()
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is not None and self.is_main:
+            for line in set_aside_newer(self.run_dir, ckpt):
+                warnings.warn(f"{self.run_dir}: resuming from {ckpt.name}; set aside {line}", stacklevel=2)
+        if ckpt is not None and env is not None:
+            env.barrier()
         full_optim = None
         if ckpt is not None and not is_distributed(ckpt):  # a single-process checkpoint
             state, meta = load_trainer_state(ckpt)
@@ -426,32 +435,34 @@ class Trainer:
         self.step += 1
         return True
 
-    def _after_step(self, record: dict, log) -> None:
-        """Loss-spike detection and its action (``spike_factor`` > 0)."""
+    def _after_step(self, record: dict, log) -> bool:
+        """Loss-spike detection and its action (``spike_factor`` > 0); True when it rolled back."""
         cfg = self.cfg
         if record["kind"] != "train" or not cfg.spike_factor:
-            return
+            return False
         median = self.spikes.check(record["loss"])
         if median is None:
-            return
+            return False
         record["spike"] = {"median": median, "factor": record["loss"] / median}
         what = (f"step {record['step']}: loss spike {record['loss']:.4f} = {record['loss'] / median:.2f}x the median "
                 f"{median:.4f} of the last {cfg.spike_window} steps")
         if cfg.spike_action == "stop":
+            if log is not None:
+                log.write(record)
             raise NumericsError(f"{what}; stopped (spike_action=stop)")
         if cfg.spike_action == "warn":
             warnings.warn(what, stacklevel=2)
-            return
-        self._rollback(what, record, log)
+            return False
+        return self._rollback(what, record, log)
 
-    def _rollback(self, what: str, record: dict, log) -> None:
+    def _rollback(self, what: str, record: dict, log) -> bool:
         from moelab.distributed.checkpoint import load_distributed_checkpoint
         from moelab.train.checkpoint import checkpoint_dirs
 
         cfg = self.cfg
         if not checkpoint_dirs(self.run_dir):
             warnings.warn(f"{what}; no checkpoint to roll back to yet (set --save-every)", stacklevel=3)
-            return
+            return False
         if self.rollbacks >= cfg.max_rollbacks:
             raise NumericsError(f"{what}; max_rollbacks={cfg.max_rollbacks} already used: stopped")
         self.rollbacks += 1
@@ -467,13 +478,15 @@ class Trainer:
             restore_rng(state)
         self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
         from_step, self.step = self.step, meta["step"]
-        self.spikes.history = self.spikes.history[:max(0, len(self.spikes.history) - (from_step - self.step))]
+        # the history holds steps 1 .. from_step - 1 (a spike is not added): drop those after the checkpoint
+        self.spikes.history = self.spikes.history[:max(0, len(self.spikes.history) - (from_step - 1 - self.step))]
         warnings.warn(f"{what}; rolled back to {ckpt.name}, continuing on the data after the spike "
                       f"({self.rollbacks}/{cfg.max_rollbacks})", stacklevel=3)
         if log is not None:  # steps after the checkpoint are dropped from the log, the event is kept
             log.truncate(self.step)
             log.write({"kind": "rollback", "step": self.step, "from_step": from_step, "loss": record["loss"],
                        "median": record["spike"]["median"], "checkpoint": ckpt.name})
+        return True
 
     def _all_moe_layers(self) -> list:
         from moelab.moe.layer import MoELayer
@@ -574,10 +587,10 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 record = self.train_step(batches)
-                if log is not None:
+                rolled_back = self._after_step(record, log)  # may mark a spike, stop, or roll back
+                if log is not None and not rolled_back:
                     log.write(record)
-                self._after_step(record, log)
-                if record["kind"] != "train" or record.get("spike") and cfg.spike_action == "rollback":
+                if record["kind"] != "train" or rolled_back:
                     if bar is not None:
                         bar.n = self.step
                         bar.refresh()
@@ -620,17 +633,43 @@ class Trainer:
         try:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
                             self.cfg, self.tokenizer, self.cfg.keep_last)
-        except OSError as e:  # disk full, permissions, ...: the temp directory is gone, older ones intact
+        except (OSError, RuntimeError, SafetensorError) as e:  # the temp directory is gone, older ones intact
             from moelab.train.checkpoint import checkpoint_dirs
 
+            if isinstance(e, RuntimeError) and not _looks_like_io(e):
+                raise
             kept = checkpoint_dirs(self.run_dir)
-            why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                   errno.EACCES: "permission denied", errno.EROFS: "the filesystem is read-only"}.get(
-                e.errno, e.strerror or type(e).__name__)
             raise CheckpointError(
-                f"could not write checkpoint step_{self.step:06d} in {self.run_dir / 'checkpoints'}: {why} ({e}); "
+                f"could not write checkpoint step_{self.step:06d} in {self.run_dir / 'checkpoints'}: "
+                f"{_save_failure(e, self.run_dir)} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 + (f"the previous checkpoint {kept[-1].name} is intact: fix the cause and --resume {self.run_dir}"
                    if kept else "no earlier checkpoint exists: fix the cause and train again")) from e
+
+
+def _looks_like_io(e: RuntimeError) -> bool:
+    """torch.save reports write failures (a full disk included) as RuntimeError from its zip writer."""
+    text = str(e)
+    return any(w in text for w in ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter",
+                                   "No space", "Permission denied"))
+
+
+def _save_failure(e: BaseException, run_dir: Path) -> str:
+    """Why a save failed, in words: the errno when there is one, else what the filesystem says now
+    (torch and safetensors turn a full disk into their own exceptions)."""
+    words = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.EROFS: "the filesystem is read-only"}
+    if isinstance(e, OSError) and e.errno in words:
+        return words[e.errno]
+    root = run_dir / "checkpoints"
+    try:
+        if shutil.disk_usage(root if root.exists() else run_dir).free < 64 * 2**20:
+            return "the disk is full"
+    except OSError:
+        pass
+    if not os.access(root if root.exists() else run_dir, os.W_OK):
+        return "permission denied"
+    return "the write failed"
 
 
 def _progress(cfg: TrainConfig, start: int):
