@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, RouterConfig
+from moelab.config import AoEConfig, AttentionConfig, ModelConfig, MoEConfig, MTPConfig, RouterConfig
 from moelab.moe.layer import MoELayer
 from tests.helpers import small_config
 
@@ -167,7 +167,9 @@ def test_device_level_losses_use_the_real_placement_and_global_statistics(scope,
 def _train_cfg(data: str, router: str = "topk", **parallel):
     from moelab.train import TrainConfig
 
-    aoe = None
+    aoe = mtp = None
+    if router == "mtp":  # DeepSeek-V3's multi-token prediction module on top (its block sharded too)
+        router, mtp = "deepseek_v3", MTPConfig(num_modules=1)
     if router == "deepseek_v3":  # aux-free bias (fast rate to move it visibly), sequence-wise loss
         r = RouterConfig(type="deepseek_v3", top_k=2, n_group=2, topk_group=2, bias_update_rate=0.01,
                          seq_balance_coef=0.01)
@@ -176,7 +178,7 @@ def _train_cfg(data: str, router: str = "topk", **parallel):
         aoe = AoEConfig(d_low=8) if router == "aoe" else None
     model = ModelConfig(vocab_size=384, d_model=32, num_layers=2, max_seq_len=64, dense_ffn_dim=64,
                         attention=AttentionConfig(num_heads=4, num_kv_heads=2),
-                        moe=MoEConfig(num_experts=4, expert_ffn_dim=32, router=r, aoe=aoe),
+                        moe=MoEConfig(num_experts=4, expert_ffn_dim=32, router=r, aoe=aoe), mtp=mtp,
                         activation_checkpointing=router == "topk-ckpt")
     return TrainConfig(model=model, data=data, steps=3, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=1,
                        eval_every=0, eval_batches=2, grad_accum=2, grad_clip=0.5, progress=False,
@@ -219,7 +221,7 @@ def single_runs(corpus, tmp_path_factory):
     from moelab.train import train
 
     out = {}
-    for router in ("topk", "deepseek_v3", "aoe"):
+    for router in ("topk", "deepseek_v3", "aoe", "mtp"):
         run = tmp_path_factory.mktemp(f"single_{router}") / "run"
         train(_train_cfg(corpus, router), run)
         out[router] = run
@@ -234,6 +236,7 @@ def _assert_same_run(run, ref) -> None:
     for a, b in zip(got, want):
         for key in ("loss", "lm_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["step"])
+        assert a.get("mtp_loss", []) == pytest.approx(b.get("mtp_loss", []), rel=1e-5)
         for name in b["aux"]:
             assert a["aux"][name] == pytest.approx(b["aux"][name], rel=1e-4, abs=1e-7), (name, a["step"])
         for la, lb in zip(a["load"], b["load"]):  # global expert loads
@@ -253,8 +256,9 @@ def _assert_same_run(run, ref) -> None:
     ("aoe", 4, {"ep": 2, "shard": "fsdp"}),                  # AoE: W_down replicated, the rest split
     ("aoe", 2, {"ep": 2, "shard": "replicate"}),
     ("topk-ckpt", 2, {"ep": 2, "shard": "fsdp"}),            # activation checkpointing recomputes under EP
+    ("mtp", 2, {"ep": 2, "shard": "fsdp"}),                  # DeepSeek-V3 MTP module, its experts split too
 ], ids=["fsdp", "ep-replicate", "fsdp+ep", "fsdp+ep-4ranks", "deepseek_v3-ep", "aoe-fsdp+ep-4ranks", "aoe-ep-replicate",
-        "activation-checkpointing-ep"])
+        "activation-checkpointing-ep", "mtp-ep"])
 def test_training_equals_single_process(router, world, parallel, corpus, single_runs, tmp_path):
     run = tmp_path / "run"
     spawn(world, _train_worker, corpus, str(run), router, parallel, tmp_path=tmp_path)

@@ -5,8 +5,8 @@ A run launched with ``torchrun`` (or ``moelab train --nproc N``, which wraps it)
 CPU, NCCL on CUDA) and builds the 2-D mesh (dp, ep) of the config, and :func:`parallelize` applies
 
 - expert parallelism over the ``ep`` dimension (:mod:`moelab.distributed.expert_parallel`), then
-- FSDP2 (``fully_shard``): each MoE layer's local experts over ``dp``, every block, the MTP modules
-  and the root over all ranks; or, with ``parallel.shard="replicate"``, whole parameters on every
+- FSDP2 (``fully_shard``): each MoE layer's local experts over ``dp``, every block (the MTP
+  modules' included) and the root over all ranks; or, with ``parallel.shard="replicate"``, whole parameters on every
   rank and gradients all-reduced after backward (:func:`sync_gradients`).
 
 Gradients are the mean over all ranks' tokens in both layouts (an expert's gradient already sums
@@ -140,7 +140,9 @@ def parallelize(model: nn.Module, env: DistEnv) -> None:
         # by the factor, then divides a second time when sum reduction is forced (gradients 1/world^2).
         if env.device.type == "cpu" and env.dp > 1:
             experts.set_force_sum_reduction_for_comms(True)
-    for block in [*model.blocks, *(model.mtp or [])]:
+    # an MTP module's block is its own unit; its norms and projection stay with the root, because the
+    # model applies the module's final norm from outside the module's forward (in the shared head)
+    for block in [*model.blocks, *(m.block for m in (model.mtp or []))]:
         fully_shard(block, mesh=env.flat, **kw)
     fully_shard(model, mesh=env.flat, **kw)
 
