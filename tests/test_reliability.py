@@ -267,6 +267,11 @@ def test_nonfinite_skip_drops_one_update_and_training_goes_on(corpus, tmp_path):
     assert [r["step"] for r in recs if r["kind"] == "skipped"] == [3]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 4, 5]
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    # the skip budget spans resumes: it is saved with the checkpoint
+    assert json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["skips"] == 1
+    resumed = Trainer(_cfg(corpus, steps=6, nonfinite="skip"), tmp_path / "run", resume=True)
+    resumed.fit()
+    assert resumed.skips == 1
 
 
 def test_a_loss_spike_rolls_back_to_the_last_checkpoint(corpus, tmp_path):

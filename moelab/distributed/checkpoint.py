@@ -112,7 +112,7 @@ def _tensor_state(model, optimizer) -> tuple[dict, list | None]:
 
 
 def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position, run_config,
-                                tokenizer, keep_last: int, env) -> Path:
+                                tokenizer, keep_last: int, env, extra: dict | None = None) -> Path:
     """Every rank calls this; rank 0 writes the small files and publishes the directory."""
     from moelab.config import save_config
 
@@ -132,7 +132,7 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         tokenizer.save(tmp / "tokenizer.json")
         meta = {"step": step, "epoch": position.epoch, "index": position.index, "format": "dcp",
                 "world": env.world, "dp": env.dp, "ep": env.ep, "scheduler": scheduler.state_dict(),
-                "param_groups": groups}
+                "param_groups": groups, **(extra or {})}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     env.barrier()
     if env.is_main:

@@ -306,6 +306,8 @@ class Trainer:
             # new total steps may extend the schedule
             self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
             self.step, self.position = meta["step"], DataPosition(meta["epoch"], meta["index"])
+            # the numerics guards' budgets span the whole run, not one process
+            self.skips, self.rollbacks = int(meta.get("skips", 0)), int(meta.get("rollbacks", 0))
         if cfg.compile:
             self.model.compile_blocks()
 
@@ -623,16 +625,20 @@ class Trainer:
             log.write({"kind": "eval", "step": self.step, **val})
         return val
 
+    def _guard_counts(self) -> dict:
+        return {"skips": self.skips, "rollbacks": self.rollbacks}
+
     def _save(self) -> None:
         if self.env is not None:
             from moelab.distributed.checkpoint import save_distributed_checkpoint
 
             save_distributed_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                        self.position, self.cfg, self.tokenizer, self.cfg.keep_last, self.env)
+                                        self.position, self.cfg, self.tokenizer, self.cfg.keep_last, self.env,
+                                        extra=self._guard_counts())
             return
         try:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
-                            self.cfg, self.tokenizer, self.cfg.keep_last)
+                            self.cfg, self.tokenizer, self.cfg.keep_last, extra=self._guard_counts())
         except (OSError, RuntimeError, SafetensorError) as e:  # the temp directory is gone, older ones intact
             from moelab.train.checkpoint import checkpoint_dirs
 
