@@ -201,35 +201,7 @@ def eval_choice(source: str, out: str | None, tasks: str = "builtin", n_per_task
     result = {"source": str(source), "tasks_source": tasks, "seed": seed,
               "tasks": evaluate_choices(model, tok, questions, max_len or model.config.max_seq_len, progress=progress)}
     if out:
-        _write(Path(out), result)
+        from moelab.eval.report import write_choice_report
+
+        write_choice_report(Path(out), result)
     return result
-
-
-def _write(out: Path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moelab.fileio import write_atomic
-    from moelab.report import md_table, save_figure, write_report
-
-    names = list(r["tasks"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(names))
-    for off, key, label in ((-0.2, "acc", "acc"), (0.2, "acc_norm", "acc_norm")):
-        ax.bar([i + off for i in x], [r["tasks"][n][key] for n in names], width=0.4, label=label,
-               yerr=[r["tasks"][n][f"{key}_stderr"] for n in names], capsize=4)
-    for i, n in enumerate(names):
-        ax.plot([i - 0.45, i + 0.45], [r["tasks"][n]["chance"]] * 2, "k--", lw=1)
-    ax.set_xticks(list(x), names), ax.set_ylabel("accuracy (± standard error; dashed: chance)"), ax.legend()
-    ax.set_ylim(0, 1), ax.grid(alpha=0.3, axis="y")
-    save_figure(fig, out / "plots" / "accuracy.png")
-    rows = [[n, t["n"], f"{t['acc']:.3f} ± {t['acc_stderr']:.3f}", f"{t['acc_norm']:.3f} ± {t['acc_norm_stderr']:.3f}",
-             f"{t['chance']:.3f}"] for n, t in r["tasks"].items()]
-    md = [f"# moelab eval choice: {r['source']}", "",
-          f"Zero-shot multiple choice on `{r['tasks_source']}` (log-likelihood of each choice; acc_norm divides it "
-          "by the choice's length in characters).", "",
-          md_table(["task", "questions", "acc", "acc_norm", "chance"], rows), "", "![accuracy](plots/accuracy.png)", ""]
-    write_report(out, f"moelab eval choice {r['source']}", "\n".join(md), r)
-    write_atomic(out / "result.json", json.dumps(r, indent=1) + "\n")

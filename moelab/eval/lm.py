@@ -16,7 +16,6 @@ domain for the domain's interval, over all documents for the overall one), and t
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -129,35 +128,7 @@ def eval_lm(source: str, out: str | None, data: str = "builtin", split: str = "v
     result = {"source": str(source), "data": data, "split": split, "seq_len": seq_len, "seed": seed,
               **summarize(rows, resamples, seed)}
     if out:
-        _write(Path(out), result)
+        from moelab.eval.report import write_lm_report
+
+        write_lm_report(Path(out), result)
     return result
-
-
-def _write(out, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moelab.report import md_table, save_figure, write_report
-
-    names = list(r["domains"]) + ["overall"]
-    vals = [*r["domains"].values(), r["overall"]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ppl = [v["ppl"] for v in vals]
-    err = [[v["ppl"] - v["ppl_ci95"][0] for v in vals], [v["ppl_ci95"][1] - v["ppl"] for v in vals]]
-    ax.bar(names, ppl, yerr=err, capsize=4, color=["tab:blue"] * len(r["domains"]) + ["tab:gray"])
-    ax.set_ylabel("perplexity (95% bootstrap CI)"), ax.grid(alpha=0.3, axis="y")
-    ax.set_title(f"{r['source']} on {r['data']} ({r['split']})", fontsize=9)
-    save_figure(fig, out / "plots" / "ppl_by_domain.png")
-    rows = [[n, v["loss"], v["ppl"], f"{v['ppl_ci95'][0]:.3f} - {v['ppl_ci95'][1]:.3f}", v["tokens"], v["documents"]]
-            for n, v in zip(names, vals)]
-    md = [f"# moelab eval lm: {r['source']}", "",
-          f"Data `{r['data']}` ({r['split']} split), windows of {r['seq_len']} tokens; 95% intervals from "
-          f"{r['bootstrap_resamples']} bootstrap resamples of the documents (seed {r['seed']}).", "",
-          md_table(["domain", "loss (nats/token)", "perplexity", "perplexity 95% CI", "tokens", "documents"], rows),
-          "", "![perplexity by domain](plots/ppl_by_domain.png)", ""]
-    write_report(out, f"moelab eval lm {r['source']}", "\n".join(md), r)
-    from moelab.fileio import write_atomic
-
-    write_atomic(out / "result.json", json.dumps(r, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""Figures and reports of `moelab eval`: the passkey heatmap and the perplexity-vs-context curve."""
+"""Figures and reports of `moelab eval`: the passkey heatmap, the perplexity-vs-context curve,
+perplexity by domain and multiple-choice accuracy."""
 
 from __future__ import annotations
 
@@ -111,3 +112,46 @@ def write_context_report(out: Path, result: dict) -> None:
                          for dom, d in result["domains"].items()]), ""]
     result["plots"] = {"perplexity_vs_context": str(plot)}
     _write(out, "moelab eval context", md, result)
+
+
+# ---- eval lm / eval choice ---------------------------------------------------------------------
+def write_lm_report(out: Path, r: dict) -> None:
+    """result.json, report.md / .html and plots/ppl_by_domain.png (bars with the 95% intervals)."""
+    names = list(r["domains"]) + ["overall"]
+    vals = [*r["domains"].values(), r["overall"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    err = [[v["ppl"] - v["ppl_ci95"][0] for v in vals], [v["ppl_ci95"][1] - v["ppl"] for v in vals]]
+    ax.bar(names, [v["ppl"] for v in vals], yerr=err, capsize=4, color=["tab:blue"] * len(r["domains"]) + ["tab:gray"])
+    ax.set_ylabel("perplexity (95% bootstrap CI)"), ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"{r['source']} on {r['data']} ({r['split']})", fontsize=9)
+    save_figure(fig, out / "plots" / "ppl_by_domain.png")
+    rows = [[n, v["loss"], v["ppl"], f"{v['ppl_ci95'][0]:.3f} - {v['ppl_ci95'][1]:.3f}", v["tokens"], v["documents"]]
+            for n, v in zip(names, vals)]
+    md = [f"# moelab eval lm: {r['source']}", "",
+          f"Data `{r['data']}` ({r['split']} split), windows of {r['seq_len']} tokens; 95% intervals from "
+          f"{r['bootstrap_resamples']} bootstrap resamples of the documents (seed {r['seed']}).", "",
+          md_table(["domain", "loss (nats/token)", "perplexity", "perplexity 95% CI", "tokens", "documents"], rows),
+          "", "![perplexity by domain](plots/ppl_by_domain.png)", ""]
+    _write(out, f"moelab eval lm {r['source']}", md, r)
+
+
+def write_choice_report(out: Path, r: dict) -> None:
+    """result.json, report.md / .html and plots/accuracy.png (acc and acc_norm ± stderr, chance)."""
+    names = list(r["tasks"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(names))
+    for off, key in ((-0.2, "acc"), (0.2, "acc_norm")):
+        ax.bar([i + off for i in x], [r["tasks"][n][key] for n in names], width=0.4, label=key,
+               yerr=[r["tasks"][n][f"{key}_stderr"] for n in names], capsize=4)
+    for i, n in enumerate(names):
+        ax.plot([i - 0.45, i + 0.45], [r["tasks"][n]["chance"]] * 2, "k--", lw=1)
+    ax.set_xticks(list(x), names), ax.set_ylabel("accuracy (± standard error; dashed: chance)"), ax.legend()
+    ax.set_ylim(0, 1), ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, out / "plots" / "accuracy.png")
+    rows = [[n, t["n"], f"{t['acc']:.3f} ± {t['acc_stderr']:.3f}", f"{t['acc_norm']:.3f} ± {t['acc_norm_stderr']:.3f}",
+             f"{t['chance']:.3f}"] for n, t in r["tasks"].items()]
+    md = [f"# moelab eval choice: {r['source']}", "",
+          f"Zero-shot multiple choice on `{r['tasks_source']}` (log-likelihood of each choice; acc_norm divides it "
+          "by the choice's length in characters).", "",
+          md_table(["task", "questions", "acc", "acc_norm", "chance"], rows), "", "![accuracy](plots/accuracy.png)", ""]
+    _write(out, f"moelab eval choice {r['source']}", md, r)
