@@ -119,12 +119,30 @@ def check_directory(directory: Path, require_manifest: bool = True) -> Verificat
     return v
 
 
+# Directories this process verified, by the size and modification time of every file: loading a
+# run's model and then its tokenizer resolves (and verifies) the same checkpoint twice, and hashing
+# gigabytes of weights twice buys nothing while no file has changed. `moelab ckpt verify` and the
+# torture harness call check_directory, which always hashes.
+_verified: dict[Path, tuple] = {}
+
+
+def _signature(directory: Path) -> tuple:
+    return tuple((p.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns)
+                 for p in sorted(directory.rglob("*")) if p.is_file() and (st := p.stat()))
+
+
 def verify_directory(directory: Path, require_manifest: bool = False) -> Verification:
     """Raise CheckpointError naming the first corrupt file; a directory without a manifest passes
-    unless ``require_manifest``."""
+    unless ``require_manifest``. A directory verified before in this process, with no file changed
+    in size or modification time since, is not hashed again."""
+    key = Path(directory).resolve()
+    signature = _signature(key)
+    if _verified.get(key) == signature and ((key / MANIFEST).is_file() or not require_manifest):
+        return Verification(Path(directory))
     v = check_directory(directory, require_manifest=require_manifest)
     if not v.ok:
         more = f" (and {len(v.problems) - 1} more)" if len(v.problems) > 1 else ""
         raise CheckpointError(f"{directory}: {v.problems[0]}{more}; run `moelab ckpt verify {directory}` for the "
                               "list, resume from an earlier checkpoint or re-save it")
+    _verified[key] = signature
     return v

@@ -346,3 +346,24 @@ def test_a_run_that_fails_before_starting_leaves_no_directory(tmp_path):
     with pytest.raises(MoelabError):
         train(_cfg(str(tmp_path / "missing.jsonl")), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_verified_checkpoint_is_hashed_once_until_a_file_changes(run, tmp_path, monkeypatch):
+    """moelab.load + load_tokenizer resolve the same checkpoint: its weights are hashed once."""
+    import moelab.integrity as integrity
+    from moelab.loading import load, load_tokenizer
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    hashed = []
+    real = integrity.file_digest
+    monkeypatch.setattr(integrity, "file_digest", lambda p: hashed.append(p.name) or real(p))
+    load(d)
+    load_tokenizer(d)
+    assert hashed.count("model.safetensors") == 1
+    w = latest_checkpoint(d) / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 1
+    w.write_bytes(bytes(data))  # a change (new modification time) is hashed again, and caught
+    with pytest.warns(UserWarning, match="model.safetensors: SHA-256 differs"):
+        assert latest_checkpoint(d).name == "step_000002"
