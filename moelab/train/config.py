@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from moelab.config import ModelConfig, _from_dict
+from moelab.config import ModelConfig, from_dict
 from moelab.errors import ConfigError
 from moelab.fileio import write_atomic
 from moelab.presets import tiny
@@ -125,7 +125,7 @@ class TrainConfig:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         if isinstance(self.parallel, dict):
-            self.parallel = _from_dict(ParallelConfig, self.parallel, "parallel")
+            self.parallel = from_dict(ParallelConfig, self.parallel, "parallel")
         mtp = self.model.mtp
         if mtp is not None and self.seq_len < mtp.num_modules + 2:
             raise ConfigError("model.mtp.num_modules", mtp.num_modules,
@@ -163,7 +163,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data, "")
+        return from_dict(cls, data, "")
 
     def save(self, path: Path) -> None:
         write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
