@@ -17,7 +17,7 @@ from moelab.model import MoETransformer, build_model
 from moelab.moe.aoe import AoEExperts
 from moelab.moe.experts import StackedExperts
 from moelab.moe.layer import MoELayer
-from moelab.moe.routing import Router
+from moelab.moe.routers import Router
 
 COMPONENTS = ("embeddings", "attention", "dense_ffn", "experts", "shared_experts", "routers", "norms", "lm_head")
 # DeepSeek-V3's multi-token-prediction modules: counted apart (``ParamCount.mtp_params``), outside the

@@ -4,7 +4,7 @@ import pytest
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
 from moelab.errors import ConfigError
-from moelab.moe.routing import ROUTERS, build_router
+from moelab.moe.routers import ROUTERS, build_router
 from moelab.presets import PRESETS
 
 

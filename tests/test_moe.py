@@ -10,7 +10,8 @@ from moelab.moe.balancing import router_z_loss, switch_load_balance_loss
 from moelab.moe.dispatch import dispatch_combine
 from moelab.moe.experts import StackedExperts, reference_moe
 from moelab.moe.layer import MoELayer
-from moelab.moe.routing import Routing, build_router
+from moelab.moe.routers import build_router
+from moelab.moe.routing import Routing
 
 
 def _grads(*tensors):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from moelab.config import RouterConfig
-from moelab.moe.routing import build_router
+from moelab.moe.routers import build_router
 
 
 def _reference(logits: torch.Tensor, eps: float) -> tuple[list[list[int]], list[list[float]]]:

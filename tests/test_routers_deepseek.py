@@ -9,7 +9,7 @@ from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.model import build_model
 from moelab.moe import update_router_biases
 from moelab.moe.layer import MoELayer
-from moelab.moe.routing import build_router
+from moelab.moe.routers import build_router
 
 
 def _identity_router(E=4, **kw):

@@ -7,7 +7,7 @@ import torch
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.moe.layer import MoELayer
-from moelab.moe.routing import build_router
+from moelab.moe.routers import build_router
 from moelab.params import count_params
 
 # Router weight = identity, so the logits are the inputs themselves.

@@ -8,7 +8,7 @@ from typing import Any
 from moelab.config.checks import check_choice, check_positive
 from moelab.errors import ConfigError
 
-# Router families moelab knows; moelab.moe.routing.ROUTERS must hold exactly these names.
+# Router families moelab knows; moelab.moe.routers.ROUTERS must hold exactly these names.
 ROUTER_TYPES = ("topk", "sparsemixer", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
 DROP_PRIORITIES = ("position", "score")
 BALANCE_SCOPES = ("batch", "sequence")

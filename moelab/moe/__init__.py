@@ -5,4 +5,4 @@ T tokens (batch x sequence flattened), D model dim, E routed experts, K experts 
 F expert FFN dim, A assignments (token, expert) pairs, T*K for token-choice top-k.
 """
 
-from moelab.moe.balancing import update_router_biases  # noqa: E402,F401  (the trainer's post-step call)
+from moelab.moe.layer import update_router_biases  # noqa: E402,F401  (the trainer's post-step call)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from moelab.config import RouterConfig
 from moelab.moe.routing import Routing, TokenLayout, count_ids
@@ -252,18 +251,3 @@ def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayo
     for name, (coef, fn) in losses.items():
         if coef > 0 and name not in routing.aux_losses:
             routing.aux_losses[name] = coef * fn()
-
-
-@torch.no_grad()
-def update_router_biases(model: nn.Module) -> int:
-    """Call after every ``optimizer.step()``: each MoE layer hands the load it counted in training
-    forwards since the last call to its router (DeepSeek-V3 aux-loss-free bias:
-    b += gamma * sign(mean load - load)) and resets its counter. Returns the number of MoE layers."""
-    from moelab.moe.layer import MoELayer
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.update_router_bias()
-            n += 1
-    return n

@@ -34,7 +34,8 @@ from moelab.moe.balancing import add_aux_losses
 from moelab.moe.dispatch import capacity_keep_mask, dispatch_combine, expert_capacity
 from moelab.moe.experts import StackedExperts
 from moelab.moe.metrics import load_balance_metrics
-from moelab.moe.routing import Routing, TokenLayout, build_router
+from moelab.moe.routers import build_router
+from moelab.moe.routing import Routing, TokenLayout
 
 
 class MoELayer(nn.Module):
@@ -183,3 +184,16 @@ class MoELayer(nn.Module):
         :func:`moelab.moe.balancing.update_router_biases` after each optimizer step."""
         self.router.update_bias(self.load_accum_E)
         self.load_accum_E.zero_()
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module) -> int:
+    """Call after every ``optimizer.step()``: each MoE layer hands the load it counted in training
+    forwards since the last call to its router (DeepSeek-V3 aux-loss-free bias:
+    b += gamma * sign(mean load - load)) and resets its counter. Returns the number of MoE layers."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.update_router_bias()
+            n += 1
+    return n

@@ -24,18 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from moelab.data import Tokenizer, load_corpus, prepare_data, train_tokenizer
-from moelab.data import PackedData, unigram_entropy
-
+from moelab.data import PackedData, Tokenizer, load_corpus, prepare_data, train_tokenizer, unigram_entropy
 from moelab.errors import CheckpointError, ConfigError, MoelabError
 
 
 class NumericsError(MoelabError):
     """Training stopped by a numerics guard (non-finite step, loss spike)."""
-from moelab.model import MoETransformer, build_model
 from moelab.distributed.expert_parallel import expert_parallel_layers
-from moelab.moe.balancing import global_statistics, update_router_biases
-from moelab.serialization import load_state_strict, read_weights
 from moelab.distributed.runtime import (
     check_batch,
     clip_grad_norm,
@@ -45,18 +40,22 @@ from moelab.distributed.runtime import (
     shutdown,
     sync_gradients,
 )
+from moelab.faults import maybe_inject_fault
+from moelab.model import MoETransformer, build_model
+from moelab.moe.balancing import global_statistics
+from moelab.moe.layer import update_router_biases
+from moelab.serialization import load_state_strict, read_weights
 from moelab.train.checkpoint import (
     DataPosition,
     is_distributed,
     latest_checkpoint,
     load_trainer_state,
     recover_checkpoints,
-    set_aside_newer,
     restore_rng,
     save_checkpoint,
+    set_aside_newer,
 )
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
-from moelab.faults import maybe_inject_fault
 from moelab.train.metrics import MetricsLog, load_stats, parse_lines
 from moelab.train.numerics import SpikeDetector, describe, diagnose
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from moelab.config import RouterConfig
-from moelab.moe.routing import Router, Routing, register_router
+from moelab.moe.routers.base import Router, register_router
+from moelab.moe.routing import Routing
 
 
 def group_score_width(score: str, top_k: int, topk_group: int) -> int:

@@ -33,7 +33,8 @@ import math
 import torch
 
 from moelab.errors import ConfigError
-from moelab.moe.routing import Router, Routing, register_router
+from moelab.moe.routers.base import Router, register_router
+from moelab.moe.routing import Routing
 
 
 @register_router("expert_choice")

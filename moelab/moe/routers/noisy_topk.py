@@ -20,7 +20,8 @@ from torch import nn
 
 from moelab.config import RouterConfig
 from moelab.moe.balancing import noisy_load_loss
-from moelab.moe.routing import Router, Routing, register_router
+from moelab.moe.routers.base import Router, register_router
+from moelab.moe.routing import Routing
 
 
 @register_router("noisy_topk")

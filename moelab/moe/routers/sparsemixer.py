@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from moelab.moe.routing import Router, Routing, register_router
+from moelab.moe.routers.base import Router, register_router
+from moelab.moe.routing import Routing
 
 
 class _SparseMixerGate(torch.autograd.Function):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from moelab.moe.routing import Router, Routing, register_router
+from moelab.moe.routers.base import Router, register_router
+from moelab.moe.routing import Routing
 
 
 @register_router("top_p")
