@@ -200,9 +200,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from moelab.checkpoint.model_files import save_model
     from moelab.interop.hf import export_hf
     from moelab.loading import load
-    from moelab.serialization import save_model
 
     model = load(args.src)
     if args.to == "hf":

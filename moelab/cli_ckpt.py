@@ -40,7 +40,7 @@ def register(sub, formatter) -> None:
 
 
 def _targets(path: Path) -> list[Path]:
-    from moelab.train.checkpoint import checkpoint_dirs
+    from moelab.checkpoint.run import checkpoint_dirs
 
     if (path / "checkpoints").is_dir():
         found = checkpoint_dirs(path)
@@ -51,9 +51,9 @@ def _targets(path: Path) -> list[Path]:
 
 
 def cmd_verify(args) -> int:
+    from moelab.checkpoint.integrity import check_directory
+    from moelab.checkpoint.run import check_complete
     from moelab.errors import CheckpointError
-    from moelab.integrity import check_directory
-    from moelab.train.checkpoint import check_complete
 
     path = Path(args.path)
     if not path.is_dir():
@@ -88,10 +88,10 @@ def cmd_torture(args) -> int:
         raise MoelabError("--kills must be >= 0")
     config = Path(args.config) if args.config else None
     if args.steps is not None:
+        import tempfile
+
         from moelab.reliability import default_config
         from moelab.train.config import TrainConfig
-
-        import tempfile
 
         cfg = TrainConfig.load(config) if config else default_config()
         cfg.steps = args.steps

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint.layout import CONFIG
+from moelab.checkpoint.model_files import load_model
+from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import CheckpointError
 from moelab.model import MoETransformer
-from moelab.serialization import CONFIG, load_model
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoETransformer:
@@ -36,17 +38,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
                               "(no config.json)")
     model.source_dir = path  # export_hf copies the tokenizer saved beside the model
     return model
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run directory -> its latest complete checkpoint; a checkpoint directory -> itself."""
-    from moelab.train.checkpoint import check_complete, latest_checkpoint
-
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path)  # complete and verified, newer corrupt ones skipped with a warning
-    check_complete(path)
-    return path
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -64,8 +64,8 @@ def _last_step(run: Path) -> int:
 
 
 def _verify_all(run: Path) -> tuple[int, list[str]]:
-    from moelab.integrity import check_directory
-    from moelab.train.checkpoint import check_complete, checkpoint_dirs
+    from moelab.checkpoint.integrity import check_directory
+    from moelab.checkpoint.run import check_complete, checkpoint_dirs
     from moelab.errors import CheckpointError
 
     problems, n = [], 0
@@ -173,7 +173,7 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
             shutil.rmtree(run)  # killed before its first checkpoint: start over
         start = 0
         if resume:
-            from moelab.train.checkpoint import checkpoint_dirs
+            from moelab.checkpoint.run import checkpoint_dirs
 
             start = json.loads((checkpoint_dirs(run)[-1] / "trainer_state.json").read_text())["step"]
         killed = sum(a.kill != "none" for a in attempts)
@@ -217,7 +217,7 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
     if bar is not None:
         bar.close()
 
-    from moelab.train.checkpoint import checkpoint_dirs
+    from moelab.checkpoint.run import checkpoint_dirs
 
     final_ref, final_run = checkpoint_dirs(ref)[-1], checkpoint_dirs(run)[-1]
     nbytes, diffs = _compare(final_ref, final_run)

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from moelab.analysis import RoutingRecorder, analyze
-from moelab.analysis import similarity, stats
+from moelab.analysis import RoutingRecorder, analyze, similarity, stats
+from moelab.checkpoint.model_files import save_model
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.data import train_tokenizer
 from moelab.errors import ConfigError, DataError, MoelabError
 from moelab.model import build_model
-from moelab.serialization import save_model
 
 E = 4
 TEXTS = ["the cat sat on the mat and the dog sat on the log", "one two three four five six seven eight nine ten",

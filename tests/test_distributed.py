@@ -277,12 +277,12 @@ def test_training_equals_single_process(router, world, parallel, corpus, single_
 
 # ---- distributed checkpoints ----------------------------------------------------------------------
 def _resume_worker(rank: int, world: int, data: str, run_dir: str, steps: int, check_against: str) -> None:
-    from moelab.distributed.checkpoint import load_distributed_checkpoint
+    from moelab.checkpoint.distributed import load_distributed_checkpoint
+    from moelab.checkpoint.run import latest_checkpoint
     from moelab.distributed.runtime import init_from_env, parallelize
     from moelab.loading import load
     from moelab.model import build_model
     from moelab.train import Trainer
-    from moelab.train.checkpoint import latest_checkpoint
 
     cfg = _train_cfg(data, "topk", ep=2)
     env = init_from_env(cfg.parallel, 4)  # first: the checkpoint read into this layout, weight by weight
@@ -299,9 +299,9 @@ def _resume_worker(rank: int, world: int, data: str, run_dir: str, steps: int, c
 
 
 def test_checkpoint_saved_on_2_ranks_loads_on_1_and_4(corpus, tmp_path):
+    from moelab.checkpoint.run import checkpoint_dirs
     from moelab.loading import load
     from moelab.train import Trainer
-    from moelab.train.checkpoint import checkpoint_dirs
 
     run = tmp_path / "run2"
     cfg = _train_cfg(corpus, "topk", ep=2)
@@ -331,7 +331,7 @@ def test_checkpoint_saved_on_2_ranks_loads_on_1_and_4(corpus, tmp_path):
     assert (checkpoint_dirs(one)[-1] / "model.safetensors").is_file()  # a single-process checkpoint now
     # four ranks (2 x 2 mesh): identical weights after loading, then the same losses
     four = from_step2("on4")
-    from moelab.serialization import save_model
+    from moelab.checkpoint.model_files import save_model
 
     save_model(ref_model, tmp_path / "step2_model")
     spawn(4, _resume_worker, corpus, str(four), 4, str(tmp_path / "step2_model"), tmp_path=tmp_path)
@@ -395,7 +395,7 @@ def test_distributed_checkpoint_refuses_pickled_objects(tmp_path):
     """DCP would unpickle non-tensor entries and its metadata; moelab's reader refuses both."""
     import torch.distributed.checkpoint as dcp
 
-    from moelab.distributed.checkpoint import SafeReader
+    from moelab.checkpoint.distributed import SafeReader
     from moelab.errors import CheckpointError
 
     marker = tmp_path / "executed"

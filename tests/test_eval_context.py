@@ -76,8 +76,8 @@ def test_length_errors_name_the_flag():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    from moelab.checkpoint.model_files import save_model
     from moelab.data import train_tokenizer
-    from moelab.serialization import save_model
 
     root = tmp_path_factory.mktemp("ctx")
     text = "\n\n".join(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(6))

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab.checkpoint.model_files import save_model
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.data import train_tokenizer
@@ -16,7 +17,6 @@ from moelab.data.corpus import Document
 from moelab.eval.choice import Question, evaluate_choices, load_tasks, loglikelihoods, mean_stderr
 from moelab.eval.lm import bootstrap_ratio, document_nll, summarize
 from moelab.model import build_model
-from moelab.serialization import save_model
 
 TEXTS = ["the cat sat on the mat and the dog sat on the log",
          "one two three four five six seven eight nine ten",

@@ -130,7 +130,7 @@ def test_untrained_model_scores_zero():
 @pytest.fixture(scope="module")
 def saved_untrained(tmp_path_factory):
     from moelab.model import build_model
-    from moelab.serialization import save_model
+    from moelab.checkpoint.model_files import save_model
 
     root = tmp_path_factory.mktemp("pk")
     tok = quick_tokenizer()

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import moelab
+from moelab.checkpoint.model_files import save_model
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import MoelabError
 from moelab.interop.hf import choose_family
 from moelab.presets import get_preset
-from moelab.serialization import save_model
 from tests.parity.hf_models import build_hf_model, input_ids, max_rel_diff
 
 transformers = pytest.importorskip("transformers")

@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab.checkpoint.model_files import load_model, save_model
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig
 from moelab.layers.attention import Attention
 from moelab.layers.rope import apply_rope, rope_cos_sin
 from moelab.model import build_model
-from moelab.serialization import load_model, save_model
 from tests.helpers import small_config
 
 

@@ -11,12 +11,12 @@ import warnings
 import pytest
 import torch
 
+from moelab.checkpoint.integrity import MANIFEST, check_directory, verify_directory
+from moelab.checkpoint.run import checkpoint_dirs, latest_checkpoint
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import CheckpointError
-from moelab.integrity import MANIFEST, check_directory, verify_directory
 from moelab.train import TrainConfig, Trainer, train
-from moelab.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from moelab.train.trainer import read_metrics
 
 
@@ -116,7 +116,7 @@ def test_an_interrupted_replace_is_reported_and_repaired_on_resume(run, corpus, 
     """A crash between moving step_N aside and renaming its replacement in (kill point ckpt-rename)."""
     import os
 
-    from moelab.train.checkpoint import recover_checkpoints
+    from moelab.checkpoint.run import recover_checkpoints
 
     d = tmp_path / "run"
     shutil.copytree(run, d)
@@ -138,7 +138,7 @@ TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpecte
                                      (OSError(errno.EACCES, "simulated"), "permission denied"),
                                      (TORCH_FULL, "the disk is full")])  # what torch.save raises on a full disk
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(err, why, corpus, tmp_path, monkeypatch):
-    import moelab.train.checkpoint as ck
+    import moelab.checkpoint.trainer_state as ck
     import moelab.train.trainer as tr
 
     real = ck.torch.save
@@ -181,7 +181,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running(corpus, t
         pickle.dump({"optimizer": _Payload()}, f)
     with pytest.raises(CheckpointError, match="trainer_state.pt"):  # the manifest catches the swap first
         Trainer(_cfg(corpus, steps=3), d, resume=True).fit()
-    from moelab.integrity import write_manifest
+    from moelab.checkpoint.integrity import write_manifest
 
     write_manifest(ckpt)  # an attacker who rewrites the manifest too: torch.load(weights_only=True) refuses
     with warnings.catch_warnings():
@@ -337,7 +337,7 @@ def test_no_load_path_unpickles():
             assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
         assert not re.search(r"pickle\.loads?\(|cloudpickle|dill\.", text), path
         if "Unpickler" in text:
-            assert path.name == "checkpoint.py" and "find_class" in text, path
+            assert path.relative_to(root).as_posix() == "checkpoint/distributed.py" and "find_class" in text, path
 
 
 def test_a_run_that_fails_before_starting_leaves_no_directory(tmp_path):
@@ -350,7 +350,7 @@ def test_a_run_that_fails_before_starting_leaves_no_directory(tmp_path):
 
 def test_a_verified_checkpoint_is_hashed_once_until_a_file_changes(run, tmp_path, monkeypatch):
     """moelab.load + load_tokenizer resolve the same checkpoint: its weights are hashed once."""
-    import moelab.integrity as integrity
+    import moelab.checkpoint.integrity as integrity
     from moelab.loading import load, load_tokenizer
 
     d = tmp_path / "run"

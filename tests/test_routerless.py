@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from moelab.checkpoint.model_files import save_model
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.data import load_corpus, prepare_data, train_tokenizer
 from moelab.errors import ConfigError, MoelabError
@@ -22,7 +23,6 @@ from moelab.experiments.routerless import (
 )
 from moelab.loading import load
 from moelab.model import build_model
-from moelab.serialization import save_model
 from moelab.train.trainer import evaluate
 from tests.helpers import small_config
 

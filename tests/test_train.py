@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from moelab.checkpoint.run import checkpoint_dirs, latest_checkpoint
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import CheckpointError, ConfigError, MoelabError
@@ -17,7 +18,6 @@ from moelab.generate import generate_ids
 from moelab.loading import load, load_tokenizer
 from moelab.report import write_run_report
 from moelab.train import TrainConfig, Trainer, train
-from moelab.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from moelab.train.trainer import read_metrics
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -107,7 +107,7 @@ def test_resume_is_bit_identical(corpus_file, tmp_path, monkeypatch):
 
 def test_checkpoint_never_half_written(corpus_file, tmp_path, monkeypatch):
     cfg = tiny_cfg(corpus_file, steps=8, save_every=4, eval_every=0)
-    import moelab.train.checkpoint as ck
+    import moelab.checkpoint.trainer_state as ck
     real_save = ck.torch.save
     calls = {"n": 0}
 

@@ -188,7 +188,7 @@ def write_analysis_report(out: Path, r: dict) -> Path:
     section("6. Expert similarity (A Closer Look into MoE)",
             "Cosine similarity of every pair of experts' flattened gate / up / down matrices (and of their outputs "
             "on the same tokens), first, middle and last layer. Red off the diagonal = similar experts. "
-            + (f"At the middle layer, weight similarity predicts output similarity with R^2 = "
+            + ("At the middle layer, weight similarity predicts output similarity with R^2 = "
                + ", ".join(f"{k} {v['r2']:.3f}" for k, v in wv.items() if v.get("r2") is not None) + "."
                if wv else ""), _fig_similarity(r, figs))
     section("7. Router vs expert output norm (A Closer Look; the motivation of AoE)",

@@ -15,8 +15,8 @@ import numpy as np
 def routing_over_training(source, windows, batch_size: int, layers: list[int], probe_tokens: int = 4096) -> dict | None:
     """None when ``source`` is not a run directory with at least two checkpoints."""
     from moelab.analysis.analyze import record
-    from moelab.serialization import load_model
-    from moelab.train.checkpoint import checkpoint_dirs
+    from moelab.checkpoint.model_files import load_model
+    from moelab.checkpoint.run import checkpoint_dirs
 
     ckpts = checkpoint_dirs(Path(source)) if (Path(source) / "checkpoints").is_dir() else []
     if len(ckpts) < 2:

@@ -68,7 +68,7 @@ def hf_experts_implementations() -> list[str]:
 
 
 def bench_moe_layer(shape: str, reps: int = 5, quick: bool = False, seed: int = 0) -> dict:
-    from moelab.config import ModelConfig, MoEConfig, RouterConfig, AttentionConfig
+    from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
     from moelab.moe.layer import MoELayer
 
     s = dict(SHAPES[shape])

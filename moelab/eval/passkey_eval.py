@@ -118,11 +118,11 @@ def quick_passkey(out: str | Path, lengths: list[int] | None = None, depths: lis
                   progress: bool = True) -> dict:
     """Train the quick model on the task (:mod:`moelab.eval.quick`), evaluate it untrained and trained,
     save it to ``out/model`` (re-evaluate with ``moelab eval passkey OUT/model``) and write the report."""
+    from moelab.checkpoint.model_files import save_model
     from moelab.eval.quick import TRAIN_LENGTHS, quick_config, quick_tokenizer, train_passkey
     from moelab.eval.report import write_passkey_report
     from moelab.model import build_model
     from moelab.params import count_params
-    from moelab.serialization import save_model
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -9,7 +9,6 @@ data position are all restored, and metrics after step s are discarded before co
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import random
@@ -30,6 +29,9 @@ from moelab.errors import CheckpointError, ConfigError, MoelabError
 
 class NumericsError(MoelabError):
     """Training stopped by a numerics guard (non-finite step, loss spike)."""
+from moelab.checkpoint.model_files import load_state_strict, read_weights
+from moelab.checkpoint.run import is_distributed, latest_checkpoint, recover_checkpoints, set_aside_newer
+from moelab.checkpoint.trainer_state import DataPosition, load_trainer_state, restore_rng, save_checkpoint
 from moelab.distributed.expert_parallel import expert_parallel_layers
 from moelab.distributed.runtime import (
     check_batch,
@@ -44,17 +46,6 @@ from moelab.faults import maybe_inject_fault
 from moelab.model import MoETransformer, build_model
 from moelab.moe.balancing import global_statistics
 from moelab.moe.layer import update_router_biases
-from moelab.serialization import load_state_strict, read_weights
-from moelab.train.checkpoint import (
-    DataPosition,
-    is_distributed,
-    latest_checkpoint,
-    load_trainer_state,
-    recover_checkpoints,
-    restore_rng,
-    save_checkpoint,
-    set_aside_newer,
-)
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
 from moelab.train.metrics import MetricsLog, load_stats, parse_lines
 from moelab.train.numerics import SpikeDetector, describe, diagnose
@@ -256,7 +247,7 @@ class Trainer:
         self.entropy = self.data.unigram_entropy
 
     def _setup_model(self) -> None:
-        from moelab.distributed.checkpoint import (
+        from moelab.checkpoint.distributed import (
             full_optimizer_state,
             load_distributed_checkpoint,
             load_full_optimizer_state,
@@ -457,8 +448,8 @@ class Trainer:
         return self._rollback(what, record, log)
 
     def _rollback(self, what: str, record: dict, log) -> bool:
-        from moelab.distributed.checkpoint import load_distributed_checkpoint
-        from moelab.train.checkpoint import checkpoint_dirs
+        from moelab.checkpoint.distributed import load_distributed_checkpoint
+        from moelab.checkpoint.run import checkpoint_dirs
 
         cfg = self.cfg
         if not checkpoint_dirs(self.run_dir):
@@ -629,7 +620,7 @@ class Trainer:
 
     def _save(self) -> None:
         if self.env is not None:
-            from moelab.distributed.checkpoint import save_distributed_checkpoint
+            from moelab.checkpoint.distributed import save_distributed_checkpoint
 
             save_distributed_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
                                         self.position, self.cfg, self.tokenizer, self.cfg.keep_last, self.env,
@@ -639,7 +630,7 @@ class Trainer:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position,
                             self.cfg, self.tokenizer, self.cfg.keep_last, extra=self._guard_counts())
         except (OSError, RuntimeError, SafetensorError) as e:  # the temp directory is gone, older ones intact
-            from moelab.train.checkpoint import checkpoint_dirs
+            from moelab.checkpoint.run import checkpoint_dirs
 
             if isinstance(e, RuntimeError) and not _looks_like_io(e):
                 raise

@@ -89,7 +89,7 @@ def choose_family(cfg: ModelConfig, family: str | None = None, preferred: str | 
             problems[name] = e.features
     detail = "; ".join(f"{name}: {', '.join(p)}" for name, p in problems.items())
     raise MoelabError(f"no Hugging Face family can express this model ({detail}); keep it in moelab's own format "
-                      "(`moelab convert SRC DST --to moelab` or moelab.serialization.save_model)")
+                      "(`moelab convert SRC DST --to moelab` or moelab.checkpoint.model_files.save_model)")
 
 
 from moelab.interop.hf.export import export_hf  # noqa: E402

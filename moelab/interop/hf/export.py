@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moelab.checkpoint.atomic import atomic_directory
+from moelab.checkpoint.model_files import model_state
+from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import MoelabError
 from moelab.interop.hf import HF_CONFIG, choose_family
 from moelab.model import MoETransformer
-from moelab.serialization import atomic_directory, model_state
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt")
@@ -77,8 +79,6 @@ def _tokenizer_file(src_dir, name: str) -> Path | None:
         return None
     candidates = [Path(src_dir)]
     if (Path(src_dir) / "checkpoints").is_dir():
-        from moelab.loading import resolve_checkpoint
-
         candidates.insert(0, resolve_checkpoint(src_dir))
     for c in candidates:
         if (c / name).is_file():

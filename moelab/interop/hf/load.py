@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from moelab.checkpoint.model_files import model_state
 from moelab.errors import CheckpointError
 from moelab.interop.hf import HF_CONFIG, get_adapter, hf_config_to_model_config, read_hf_config
 from moelab.model import MoETransformer, build_model
-from moelab.serialization import model_state
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

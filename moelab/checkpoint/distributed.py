@@ -40,10 +40,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moelab.checkpoint.atomic import fsync_dir
+from moelab.checkpoint.integrity import write_manifest
+from moelab.checkpoint.layout import CHECKPOINTS, CONFIG, DCP_DIR, STATE_JSON
+from moelab.checkpoint.run import prune
+from moelab.config import save_config
 from moelab.errors import CheckpointError
-
-DCP_DIR = "dcp"
-STATE_JSON = "trainer_state.json"
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
@@ -91,10 +93,6 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-def is_distributed_checkpoint(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
-
-
 def _rng_state() -> dict:
     version, internal, gauss = random.getstate()
     return {"torch_rng": torch.get_rng_state(), "python_rng": [version, list(internal), gauss]}
@@ -114,9 +112,7 @@ def _tensor_state(model, optimizer) -> tuple[dict, list | None]:
 def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position, run_config,
                                 tokenizer, keep_last: int, env, extra: dict | None = None) -> Path:
     """Every rank calls this; rank 0 writes the small files and publishes the directory."""
-    from moelab.config import save_config
-
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     target = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-dcp"
     if env.is_main:
@@ -127,7 +123,7 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
     torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
     if env.is_main:
-        save_config(model.config if hasattr(model, "config") else run_config.model, tmp / "config.yaml")
+        save_config(model.config if hasattr(model, "config") else run_config.model, tmp / CONFIG)
         run_config.save(tmp / "run_config.yaml")
         tokenizer.save(tmp / "tokenizer.json")
         meta = {"step": step, "epoch": position.epoch, "index": position.index, "format": "dcp",
@@ -136,8 +132,6 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     env.barrier()
     if env.is_main:
-        from moelab.integrity import write_manifest
-
         write_manifest(tmp)  # every rank's shards are on disk: record and publish
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -146,10 +140,7 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        from moelab.serialization import _fsync_dir
-        from moelab.train.checkpoint import prune
-
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(run_dir, keep_last)
     env.barrier()
     return target

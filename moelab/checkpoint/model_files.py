@@ -1,28 +1,25 @@
 """Save and load a model as ``config.yaml`` + ``model.safetensors`` (never pickle).
 
-Writes go to a temporary directory that is renamed into place, so a crash never leaves a
-half-written model directory. Loads check every key and shape and name what is missing.
+Writes go through :func:`moelab.checkpoint.atomic.atomic_directory` (a temporary directory renamed
+into place), so a crash never leaves a half-written model directory. Loads check every key and shape and name what is missing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moelab.checkpoint.atomic import atomic_directory
+from moelab.checkpoint.integrity import verify_directory
+from moelab.checkpoint.layout import CONFIG, DCP_DIR, WEIGHTS
 from moelab.config import load_config, save_config
 from moelab.errors import CheckpointError
-from moelab.faults import kill_point
-from moelab.integrity import verify_directory, write_manifest
 from moelab.model import MoETransformer, build_model
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
 
 
 def model_state(model: MoETransformer) -> dict[str, torch.Tensor]:
@@ -37,58 +34,6 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
     """Write config and weights into an existing directory (callers make it atomic)."""
     save_config(model.config, directory / CONFIG)
     save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "library": "moelab"})
-
-
-def atomic_directory(target: Path, manifest: bool = False):
-    """Context manager yielding a temp dir beside ``target`` that replaces it on success;
-    ``manifest``: first flush every file and record its size and SHA-256 (moelab.integrity)."""
-    return _AtomicDir(Path(target), manifest)
-
-
-class _AtomicDir:
-    def __init__(self, target: Path, manifest: bool = False):
-        self.target, self.manifest = target, manifest
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.manifest:
-            try:
-                write_manifest(self.tmp)
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            kill_point("ckpt-manifest")
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            kill_point("ckpt-rename")
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            kill_point("ckpt-rename")
-            os.replace(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry is flushed with the directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
 
 
 def save_model(model: MoETransformer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
@@ -136,8 +81,8 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
     if verify:  # a directory with a manifest must match it, file by file
         verify_directory(directory)
     cfg = load_config(directory / CONFIG)
-    if not (directory / WEIGHTS).is_file() and (directory / "dcp").is_dir():  # saved by a multi-process run
-        from moelab.distributed.checkpoint import load_distributed_checkpoint
+    if not (directory / WEIGHTS).is_file() and (directory / DCP_DIR).is_dir():  # saved by a multi-process run
+        from moelab.checkpoint.distributed import load_distributed_checkpoint
 
         model = build_model(cfg, device=device)
         load_distributed_checkpoint(directory, model)

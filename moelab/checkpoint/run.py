@@ -1,43 +1,21 @@
-"""Checkpoints: a directory per step, written to a temp dir and renamed, so none is ever half-written.
-
-``checkpoints/step_000100/`` holds
-- ``model.safetensors`` + ``config.yaml`` (the model: ``moelab.load`` reads these),
-- ``run_config.yaml`` (the whole run config) and ``tokenizer.json``,
-- ``trainer_state.pt`` (optimizer, scheduler and RNG states; tensors and plain Python values only,
-  read back with ``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, data position).
+"""A training run's checkpoints: ``RUN/checkpoints/step_N/`` directories listed, verified, chosen,
+pruned and recovered after a crash (file names in :mod:`moelab.checkpoint.layout`). Saving them is
+:mod:`moelab.checkpoint.trainer_state` (one process) or :mod:`moelab.checkpoint.distributed` (DCP).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from moelab.checkpoint.integrity import verify_directory
+from moelab.checkpoint.layout import CHECKPOINTS, DCP_DIR, REQUIRED, REQUIRED_DCP
 from moelab.errors import CheckpointError
-from moelab.faults import kill_point
-from moelab.integrity import verify_directory
-from moelab.serialization import CONFIG, WEIGHTS, atomic_directory, write_model_files
 
-CHECKPOINTS = "checkpoints"
-STATE_PT = "trainer_state.pt"
-STATE_JSON = "trainer_state.json"
-REQUIRED = (CONFIG, WEIGHTS, "run_config.yaml", "tokenizer.json", STATE_PT, STATE_JSON)
-# a multi-process run's checkpoint (moelab.distributed.checkpoint): DCP shards instead of the two files
-REQUIRED_DCP = (CONFIG, "dcp/.metadata", "run_config.yaml", "tokenizer.json", STATE_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class DataPosition:
-    epoch: int = 0
-    index: int = 0  # next row of this epoch's permutation
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -132,7 +110,7 @@ def latest_checkpoint(run_dir: Path, verify: bool = True) -> Path:
 
 
 def is_distributed(ckpt: Path) -> bool:
-    return (Path(ckpt) / "dcp").is_dir()
+    return (Path(ckpt) / DCP_DIR).is_dir()
 
 
 def check_complete(ckpt: Path) -> None:
@@ -143,49 +121,10 @@ def check_complete(ckpt: Path) -> None:
                               "resume from an earlier checkpoint (delete this one) or retrain")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: DataPosition,
-                    run_config, tokenizer, keep_last: int, extra: dict | None = None) -> Path:
-    target = Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
-    with atomic_directory(target, manifest=True) as tmp:
-        write_model_files(model, tmp)
-        kill_point("ckpt-weights")
-        run_config.save(tmp / "run_config.yaml")
-        tokenizer.save(tmp / "tokenizer.json")
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": _python_rng_state(),
-        }
-        torch.save(state, tmp / STATE_PT)
-        meta = {"step": step, "epoch": position.epoch, "index": position.index, **(extra or {})}
-        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        kill_point("ckpt-state")
-    kill_point("ckpt-prune")
-    prune(run_dir, keep_last)
-    return target
-
-
-def load_trainer_state(ckpt: Path) -> tuple[dict, dict]:
-    """(tensor state, json meta) of a checkpoint; never unpickles arbitrary objects."""
-    check_complete(ckpt)
-    try:
-        state = torch.load(ckpt / STATE_PT, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"{ckpt / STATE_PT}: unreadable trainer state ({e}); it may be truncated") from e
-    try:
-        meta = json.loads((ckpt / STATE_JSON).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt / STATE_JSON}: not valid JSON ({e})") from e
-    return state, meta
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch_rng"])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory -> its latest complete checkpoint; a checkpoint directory -> itself."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        return latest_checkpoint(path)  # complete and verified, newer corrupt ones skipped with a warning
+    check_complete(path)
+    return path
