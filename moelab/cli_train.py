@@ -217,7 +217,7 @@ def _train_rank(cfg, run_dir, resume: bool):
 
 
 def cmd_generate(args) -> int:
-    from moelab.generate import generate
+    from moelab.inference.generate import generate
     from moelab.loading import load, load_tokenizer
 
     model = load(args.checkpoint)
@@ -236,7 +236,7 @@ def cmd_generate(args) -> int:
         print(json.dumps({"prompt": args.prompt, "completion": text, "seed": args.seed}) if args.json
               else args.prompt + text)
         return 0
-    from moelab.engine import generate_batch
+    from moelab.inference.engine import generate_batch
 
     prompts = [p if p else tokenizer.decode([tokenizer.eos_id]) for p in args.prompt]
     batch = len(prompts) > 1
@@ -273,7 +273,8 @@ def _speculative(model, tokenizer, args) -> int:
 
     import torch
 
-    from moelab.generate import generate_ids, speculative_generate_ids
+    from moelab.inference.generate import generate_ids
+    from moelab.inference.speculative import speculative_generate_ids
 
     ids = torch.tensor([tokenizer.encode(args.prompt) or [tokenizer.eos_id]])
     times = {"greedy": [], "speculative": []}

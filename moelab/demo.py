@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from moelab.data import load_corpus
-    from moelab.generate import generate
+    from moelab.inference.generate import generate
     from moelab.loading import load, load_tokenizer
     from moelab.params import count_params, human
     from moelab.report import write_run_report

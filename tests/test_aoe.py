@@ -196,7 +196,7 @@ def test_aoe_cannot_export_to_hf(tmp_path):
 
 
 def test_aoe_tiny_trains_resumes_and_generates(tmp_path):
-    from moelab.generate import generate_ids
+    from moelab.inference.generate import generate_ids
     from moelab.loading import load
     from moelab.train import TrainConfig, train
     from moelab.train.trainer import read_metrics

@@ -10,7 +10,7 @@ slow test runs inductor itself.
 import pytest
 import torch
 
-from moelab.generate import generate_ids
+from moelab.inference.generate import generate_ids
 from moelab.model import build_model
 from moelab.moe.dispatch import _decode_combine, _gathered_combine
 from moelab.moe.experts import StackedExperts

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from moelab.config import AttentionConfig, MLAConfig, ModelConfig, MTPConfig, YaRNConfig
 from moelab.errors import ConfigError
-from moelab.generate import generate_ids, speculative_generate_ids
+from moelab.inference.generate import generate_ids
+from moelab.inference.speculative import speculative_generate_ids
 from moelab.layers.rope import model_rope_cos_sin, yarn_inv_freq
 from moelab.model import build_model
 from moelab.presets import get_preset

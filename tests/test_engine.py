@@ -1,4 +1,4 @@
-"""The generation engine (moelab/engine.py) and padding masks through the model: left-padded batches
+"""The generation engine (moelab/inference/engine.py) and padding masks through the model: left-padded batches
 equal single sequences, padding never routes, stop strings cut exactly, streaming, the rolling
 sliding-window cache and chunked prefill equal the full computation."""
 
@@ -7,9 +7,9 @@ import torch
 
 from moelab.config import AttentionConfig, MLAConfig, ModelConfig, RouterConfig
 from moelab.data.tokenizer import train_tokenizer
-from moelab.engine import generate_batch
+from moelab.inference.engine import generate_batch
 from moelab.errors import ConfigError
-from moelab.generate import generate_ids
+from moelab.inference.generate import generate_ids
 from moelab.model import build_model
 from tests.helpers import small_config
 

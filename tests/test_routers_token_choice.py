@@ -214,7 +214,7 @@ def test_top_p_exact_tie_keeps_the_smallest_prefix_reaching_p():
 
 def test_expert_choice_batch_eval_refuses_a_kv_cache():
     from moelab.errors import ConfigError
-    from moelab.generate import generate_ids
+    from moelab.inference.generate import generate_ids
     from moelab.model import build_model
     from tests.helpers import small_config
 

@@ -14,7 +14,7 @@ from moelab.checkpoint.run import checkpoint_dirs, latest_checkpoint
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import CheckpointError, ConfigError, MoelabError
-from moelab.generate import generate_ids
+from moelab.inference.generate import generate_ids
 from moelab.loading import load, load_tokenizer
 from moelab.report import write_run_report
 from moelab.train import TrainConfig, Trainer, train

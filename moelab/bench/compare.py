@@ -250,7 +250,7 @@ def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens
     import tempfile
 
     import moelab
-    from moelab.generate import generate_ids
+    from moelab.inference.generate import generate_ids
 
     new_tokens = new_tokens or (8 if quick else 64)
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,14 +291,14 @@ def bench_generate(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens
 
 
 def bench_engine(reps: int = 3, quick: bool = False, seed: int = 0, new_tokens: int | None = None) -> dict:
-    """The batched engine (moelab.engine.generate_batch) against transformers' ``generate`` on the
+    """The batched engine (moelab.inference.engine.generate_batch) against transformers' ``generate`` on the
     same weights: batch 8 of mixed prompt lengths (left padding + attention mask on both sides), and
     batch 1 past a sliding window with moelab's rolling cache; tokens must be identical. Also the
     KV-cache bytes of the windowed generation at every step, rolling vs full cache: flat vs growing."""
     import tempfile
 
     import moelab
-    from moelab.engine import generate_batch
+    from moelab.inference.engine import generate_batch
 
     new_tokens = new_tokens or (12 if quick else 64)
     d, layers, window = (64, 2, 8) if quick else (256, 4, 32)

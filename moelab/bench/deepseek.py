@@ -57,7 +57,8 @@ def bench_speculative(quick: bool = False, seed: int = 0, steps: int | None = No
                       reps: int = 3) -> dict:
     """Train deepseek-v3-tiny briefly on the built-in corpus (MTP included), then decode greedily with
     and without MTP drafts, alternating, and check the tokens are the same."""
-    from moelab.generate import generate_ids, speculative_generate_ids
+    from moelab.inference.generate import generate_ids
+    from moelab.inference.speculative import speculative_generate_ids
     from moelab.loading import load, load_tokenizer
     from moelab.presets import get_preset
     from moelab.train import TrainConfig, train

@@ -128,7 +128,7 @@ def benchmarks_markdown(results: dict) -> str:
             rows.append([n, ", ".join(map(str, r["prompt_lengths"])), r["window"] or "", f"{r['tokens_per_s']['moelab']:.1f}",
                          f"{r['tokens_per_s']['transformers']:.1f}", f"{r['speedup']:.2f}x", cache])
         md += ["## Batched generation engine (`moelab bench engine`)", "",
-               f"`moelab.engine.generate_batch` vs transformers' `generate` with the same left padding and "
+               f"`moelab.inference.engine.generate_batch` vs transformers' `generate` with the same left padding and "
                f"attention mask, {e['new_tokens']} greedy tokens; tokens are identical. The windowed row uses "
                "moelab's rolling cache; its KV-cache bytes from a quarter of the way to the end of the generation "
                "stay flat while the full cache grows.", "",

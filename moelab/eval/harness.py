@@ -73,7 +73,7 @@ class MoelabLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        from moelab.engine import generate_batch
+        from moelab.inference.engine import generate_batch
 
         out = []
         for r in requests:

@@ -53,7 +53,7 @@ def evaluate_passkey(model, tokenizer, lengths: list[int] | None = None, depths:
     """Accuracy grid ``accuracy[depth][length]`` plus margins and a few examples; deterministic in ``seed``."""
     from tqdm.auto import tqdm
 
-    from moelab.generate import generate_ids
+    from moelab.inference.generate import generate_ids
 
     pieces = prompt_pieces(tokenizer, intro=intro)
     new_tokens = answer_budget(digits)

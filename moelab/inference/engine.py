@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moelab.errors import ConfigError
-from moelab.generate import sample_next
+from moelab.inference.generate import sample_next
 from moelab.model import MoETransformer
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "context")
