@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moelab.compare import compare_runs
+    from moelab.reports.compare import compare_runs
 
     r = compare_runs(args.runs, args.out)
     if args.json:

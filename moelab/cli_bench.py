@@ -19,7 +19,7 @@ def register(sub, formatter) -> None:
                               "  moelab bench train --json\n  moelab bench distributed   # 1 vs 2 processes\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
                               "  moelab bench all --markdown BENCHMARKS.md   # what `make bench` runs")
     p.add_argument("name", choices=NAMES)
-    p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.compare")
+    p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.harness")
     p.add_argument("--quick", action="store_true", help="CI-sized shapes; only checks that outputs match")
     p.add_argument("--preset", default="tiny", help="aoe: the router-based MoE to compare against")
     p.add_argument("--d-low", type=int, help="aoe: d_low (default d_model / 4)")
@@ -39,23 +39,23 @@ def register(sub, formatter) -> None:
 def cmd_bench(args) -> int:
     import torch
 
-    from moelab.bench import compare
+    from moelab.bench import harness
     from moelab.bench.aoe import bench_aoe, write_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (1 if args.quick else 5)
-    shapes = args.shape or list(compare.SHAPES)
+    shapes = args.shape or list(harness.SHAPES)
     results = {}
     if args.name in ("moe-layer", "all"):
-        results["moe_layer"] = [compare.bench_moe_layer(s, reps=reps, quick=args.quick, seed=args.seed) for s in shapes]
+        results["moe_layer"] = [harness.bench_moe_layer(s, reps=reps, quick=args.quick, seed=args.seed) for s in shapes]
     if args.name in ("train", "all"):
-        results["train"] = compare.bench_train(reps=reps, quick=args.quick, seed=args.seed)
+        results["train"] = harness.bench_train(reps=reps, quick=args.quick, seed=args.seed)
     if args.name in ("generate", "all"):
-        results["generate"] = compare.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed,
+        results["generate"] = harness.bench_generate(reps=max(1, reps // 2), quick=args.quick, seed=args.seed,
                                                     compiled=args.compile)
     if args.name in ("engine", "all"):
-        results["engine"] = compare.bench_engine(reps=max(1, reps // 2), quick=args.quick, seed=args.seed)
+        results["engine"] = harness.bench_engine(reps=max(1, reps // 2), quick=args.quick, seed=args.seed)
     if args.name in ("aoe", "all"):
         results["aoe"] = bench_aoe(args.preset, args.d_low, args.batch_size, args.seq_len, reps, args.seed)
         if args.out and args.name == "aoe":

@@ -148,7 +148,7 @@ def cmd_train(args, extra: list[str]) -> int:
     print(f"trained to step {result.final_step}: val loss {result.val.get('val_loss', float('nan')):.4f} "
           f"(ppl {result.val.get('val_ppl', float('nan')):.2f}); unigram entropy {result.unigram_entropy:.4f} nats")
     if args.report:
-        from moelab.report import write_run_report
+        from moelab.reports.run import write_run_report
 
         print(f"report: {write_run_report(run_dir)['md']}")
     if args.analyze:
@@ -301,7 +301,7 @@ def _speculative(model, tokenizer, args) -> int:
 
 
 def cmd_report(args) -> int:
-    from moelab.report import write_run_report
+    from moelab.reports.run import write_run_report
 
     paths = write_run_report(args.run)
     if args.json:

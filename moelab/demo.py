@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from moelab.inference.generate import generate
     from moelab.loading import load, load_tokenizer
     from moelab.params import count_params, human
-    from moelab.report import write_run_report
+    from moelab.reports.run import write_run_report
     from moelab.train import TrainConfig, train
 
     t0 = time.time()

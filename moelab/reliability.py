@@ -253,7 +253,7 @@ def _write_report(out: Path, r: dict) -> None:
     import matplotlib.pyplot as plt
 
     from moelab.fileio import write_atomic
-    from moelab.report import md_table, save_figure
+    from moelab.reports.writer import md_table, save_figure
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for a in r["attempts"]:

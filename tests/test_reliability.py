@@ -301,7 +301,7 @@ def test_a_warned_spike_is_in_the_metrics(corpus, tmp_path):
 
 
 def test_compare_numbers_are_the_runs_own(corpus, tmp_path, capsys):
-    from moelab.compare import compare_runs
+    from moelab.reports.compare import compare_runs
 
     a, b = tmp_path / "a", tmp_path / "b"
     train(_cfg(corpus, steps=4, eval_every=2), a)

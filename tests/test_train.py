@@ -16,7 +16,7 @@ from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import CheckpointError, ConfigError, MoelabError
 from moelab.inference.generate import generate_ids
 from moelab.loading import load, load_tokenizer
-from moelab.report import write_run_report
+from moelab.reports.run import write_run_report
 from moelab.train import TrainConfig, Trainer, train
 from moelab.train.trainer import read_metrics
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab.fileio import write_atomic
-from moelab.report import plt, save_figure
+from moelab.reports.writer import plt, save_figure
 
 COLORS = plt.get_cmap("tab20").colors
 

@@ -51,7 +51,7 @@ def write_bench(result: dict, out: Path) -> None:
     import json
 
     from moelab.fileio import write_atomic
-    from moelab.report import md_table, write_report
+    from moelab.reports.writer import md_table, write_report
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from moelab.bench.compare import machine
+from moelab.bench.harness import machine
 from moelab.config import AttentionConfig, MLAConfig
 
 

@@ -43,7 +43,7 @@ def _run(out: Path, nproc: int, flags: list[str], steps: int, seed: int, threads
 
 def bench_distributed(reps: int = 2, steps: int = 12, quick: bool = False, seed: int = 0,
                       threads: int | None = None) -> dict:
-    from moelab.bench.compare import machine
+    from moelab.bench.harness import machine
 
     if quick:
         reps, steps = 1, 4

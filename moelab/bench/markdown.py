@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from moelab.fileio import write_atomic
-from moelab.report import md_table
+from moelab.reports.writer import md_table
 
 TARGETS = {  # the targets, shown beside the measurements
     ("moe-layer", "tiny-train"): "fwd+bwd >= 0.90 x limit, >= 1.25x transformers best",
@@ -220,7 +220,7 @@ def misses(results: dict) -> list[str]:
 
 
 def write_results(results: dict, out: Path) -> None:
-    from moelab.report import write_report
+    from moelab.reports.writer import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "result.json", json.dumps(results, indent=1) + "\n")

@@ -3,7 +3,6 @@ perplexity by domain and multiple-choice accuracy."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,16 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from moelab.fileio import write_atomic  # noqa: E402
-from moelab.report import markdown_to_html, md_table, save_figure  # noqa: E402
+from moelab.reports.writer import md_table, save_figure, write_report  # noqa: E402
 
 
 def _write(out: Path, title: str, md: list[str], result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
-    text = "\n".join(md) + "\n"
-    write_atomic(out / "report.md", text)
-    write_atomic(out / "report.html", markdown_to_html(title, text))
+    write_report(out, title, "\n".join(md) + "\n", result, json_name="result.json")
 
 
 # ---- passkey ------------------------------------------------------------------------------------

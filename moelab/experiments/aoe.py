@@ -25,7 +25,7 @@ from moelab.bench import measure_training_steps, ratios_to
 from moelab.config import AoEConfig, RouterConfig
 from moelab.experiments.common import ExperimentSettings, base_config, finish, prepare_out, run_variant, shared_data
 from moelab.loading import load
-from moelab.report import md_table, save_figure, write_report
+from moelab.reports.writer import md_table, save_figure, write_report
 from moelab.train import TrainConfig
 
 PAPER_ALPHA = 0.01  # eq. 6

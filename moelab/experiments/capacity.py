@@ -22,7 +22,7 @@ from moelab.experiments.common import (
     shared_data,
 )
 from moelab.loading import load
-from moelab.report import md_table, save_figure, write_report
+from moelab.reports.writer import md_table, save_figure, write_report
 
 FULL_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 QUICK_FACTORS = (0.5, 1.0, 2.0)

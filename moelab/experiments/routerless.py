@@ -259,7 +259,7 @@ def run_routerless_study(source: str | Path, out: Path, data: str = "builtin", n
 def _report(out: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
-    from moelab.report import md_table, save_figure, write_report
+    from moelab.reports.writer import md_table, save_figure, write_report
 
     rows, routed, nodes = result["rows"], result["routed"], result["nodes"]
     plots = {}

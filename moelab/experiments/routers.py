@@ -24,7 +24,7 @@ from moelab.experiments.common import (
     run_variant,
     shared_data,
 )
-from moelab.report import md_table, save_figure, write_report
+from moelab.reports.writer import md_table, save_figure, write_report
 from moelab.train import TrainConfig
 
 

@@ -69,7 +69,7 @@ def _write(out: Path, summaries: list[dict], result: dict) -> None:
     import matplotlib.pyplot as plt
 
     from moelab.fileio import write_atomic
-    from moelab.report import md_table, save_figure, write_report
+    from moelab.reports.writer import md_table, save_figure, write_report
 
     import json
 

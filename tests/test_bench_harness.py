@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from moelab.bench import compare  # noqa: E402
+from moelab.bench import harness  # noqa: E402
 from moelab.bench.markdown import benchmarks_markdown  # noqa: E402
 from moelab.cli import main  # noqa: E402
 
@@ -15,7 +15,7 @@ from moelab.cli import main  # noqa: E402
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["tiny-train", "fine-grained", "decode1"])
 def test_moe_layer_contenders_match(shape):
-    r = compare.bench_moe_layer(shape, reps=1, quick=True)
+    r = harness.bench_moe_layer(shape, reps=1, quick=True)
     ran = {n: c for n, c in r["contenders"].items() if "fwd" in c}
     assert {"moelab-sorted", "moelab-grouped", "moelab-loop", "transformers-eager"} <= set(ran)
     assert all(c["outputs_match"] for c in ran.values())
@@ -44,6 +44,6 @@ def test_bench_all_quick_writes_benchmarks_md(tmp_path, capsys):
 
 
 def test_markdown_from_results():
-    r = compare.bench_moe_layer("decode8", reps=1, quick=True)
+    r = harness.bench_moe_layer("decode8", reps=1, quick=True)
     text = benchmarks_markdown({"moe_layer": [r]})
     assert "| decode8 |" in text and "latency" in text
