@@ -30,7 +30,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m moelab.demo
+	$(PY) -m moelab.cli.demo
 
 # moelab against transformers and AoE against MoE, side by side; rewrites BENCHMARKS.md
 bench: setup

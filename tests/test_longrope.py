@@ -77,7 +77,7 @@ def test_longrope_config_round_trips_exactly(tmp_path, suffix):
 
 
 def test_longrope_flags_through_tyro():
-    from moelab.cli_train import parse_train_config
+    from moelab.cli.train import parse_train_config
 
     args = argparse.Namespace(resume=None, config=None, preset="tiny", out=None)
     n = 16  # tiny: head_dim 32

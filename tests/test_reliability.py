@@ -198,7 +198,7 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused_without_running(corpus, t
 @pytest.mark.slow
 def test_kill_and_resume_ends_bit_identical(tmp_path):
     """The reduced CI version of `moelab ckpt torture` (docs/reliability.md has the full run)."""
-    from moelab.reliability import default_config, torture
+    from moelab.reliability.torture import default_config, torture
 
     cfg = default_config()
     cfg.steps = 8

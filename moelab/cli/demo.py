@@ -1,7 +1,7 @@
 """`make demo`: build the built-in corpus, train the tiny MoE on CPU, sample from it, write its report
 and analyse its routing (`moelab analyze`).
 
-Usage: python -m moelab.demo [--steps N] [--out runs/demo]
+Usage: python -m moelab.cli.demo [--steps N] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _fresh_dir(base: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moelab.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moelab.cli.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=DEMO_STEPS)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)

@@ -1,23 +1,45 @@
-"""`moelab <command>`: a thin layer that parses arguments and calls the library.
-
-Every error a user can cause is printed as one line naming the bad input and the fix, with a
-non-zero exit and no traceback (``--debug`` shows it).
-"""
+"""`moelab params`, `moelab presets` and `moelab convert`: a model's size, the presets, format conversion."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
 from pathlib import Path
 
 from moelab.errors import MoelabError
 from moelab.fileio import write_atomic
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+def register(sub, formatter) -> None:
+    p = sub.add_parser(
+        "params", help="total and active parameter counts of a preset or config",
+        formatter_class=formatter,
+        description="Count total and active (per token) parameters on the meta device (no memory).",
+        epilog="example:\n  moelab params mixtral-8x7b\n  moelab params my_config.yaml --json\n"
+               "  moelab params deepseek-v3 --ep 64 --dispatch-bytes 1   # all-to-all bytes per token vs FLOPs")
+    p.add_argument("source", help="preset name (see `moelab presets`) or a moelab config file")
+    p.add_argument("--ep", type=int, help="also size the all-to-all traffic of expert parallelism over this many ranks")
+    p.add_argument("--dispatch-bytes", type=int, default=2, help="bytes per dispatched value (2: bf16, 1: fp8)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="also write result.json into this directory")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser(
+        "convert", help="convert a model between moelab and Hugging Face formats", formatter_class=formatter,
+        description="Load SRC (a moelab model/checkpoint/run directory or an HF model directory) and write it to "
+                    "DST as an HF directory (config.json + model.safetensors + tokenizer) or a moelab directory.",
+        epilog="example:\n  moelab convert ./Mixtral-tiny ./mixtral-moelab --to moelab\n"
+               "  moelab convert runs/tiny ./tiny-hf --to hf")
+    p.add_argument("src", help="model directory to read")
+    p.add_argument("dst", help="directory to write (replaced atomically)")
+    p.add_argument("--to", required=True, choices=("hf", "moelab"), help="output format")
+    p.add_argument("--family", help="HF model_type to export to (default: the source family, else the closest)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("presets", help="list the model presets", formatter_class=formatter,
+                       epilog="example:\n  moelab presets")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_presets)
 
 
 def _resolve_model_config(source: str):
@@ -106,99 +128,6 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moelab", formatter_class=_Formatter,
-        description="moelab: build, train, run and analyse Mixture-of-Experts language models.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "params", help="total and active parameter counts of a preset or config",
-        formatter_class=_Formatter,
-        description="Count total and active (per token) parameters on the meta device (no memory).",
-        epilog="example:\n  moelab params mixtral-8x7b\n  moelab params my_config.yaml --json\n"
-               "  moelab params deepseek-v3 --ep 64 --dispatch-bytes 1   # all-to-all bytes per token vs FLOPs")
-    p.add_argument("source", help="preset name (see `moelab presets`) or a moelab config file")
-    p.add_argument("--ep", type=int, help="also size the all-to-all traffic of expert parallelism over this many ranks")
-    p.add_argument("--dispatch-bytes", type=int, default=2, help="bytes per dispatched value (2: bf16, 1: fp8)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", help="also write result.json into this directory")
-    p.set_defaults(func=cmd_params)
-
-    p = sub.add_parser(
-        "convert", help="convert a model between moelab and Hugging Face formats", formatter_class=_Formatter,
-        description="Load SRC (a moelab model/checkpoint/run directory or an HF model directory) and write it to "
-                    "DST as an HF directory (config.json + model.safetensors + tokenizer) or a moelab directory.",
-        epilog="example:\n  moelab convert ./Mixtral-tiny ./mixtral-moelab --to moelab\n"
-               "  moelab convert runs/tiny ./tiny-hf --to hf")
-    p.add_argument("src", help="model directory to read")
-    p.add_argument("dst", help="directory to write (replaced atomically)")
-    p.add_argument("--to", required=True, choices=("hf", "moelab"), help="output format")
-    p.add_argument("--family", help="HF model_type to export to (default: the source family, else the closest)")
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("presets", help="list the model presets", formatter_class=_Formatter,
-                       epilog="example:\n  moelab presets")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_presets)
-
-    from moelab import cli_data
-
-    cli_data.register(sub, _Formatter)
-
-    from moelab import cli_train
-
-    cli_train.register(sub, _Formatter)
-
-    from moelab import cli_analyze
-
-    cli_analyze.register(sub, _Formatter)
-
-    from moelab import cli_bench
-
-    cli_bench.register(sub, _Formatter)
-
-    from moelab import cli_eval
-
-    cli_eval.register(sub, _Formatter)
-    from moelab import cli_ckpt
-
-    cli_ckpt.register(sub, _Formatter)
-
-    p = sub.add_parser("compare", help="one table and shared plots across training runs", formatter_class=_Formatter,
-                       description="Compare runs: final train and validation loss, per-domain validation perplexity, "
-                                   "load balance, throughput and parameter counts, with shared plots; writes "
-                                   "result.json, report.md/.html and plots/ into --out.",
-                       epilog="examples:\n  moelab compare runs/topk runs/switch runs/ds3 --out runs/compare\n"
-                              "  moelab compare runs/a runs/b --json")
-    p.add_argument("runs", nargs="+", help="two or more run directories")
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--json", action="store_true", help="print result.json to stdout")
-    p.set_defaults(func=cmd_compare)
-
-    from moelab import cli_experiments
-
-    cli_experiments.register(sub, _Formatter)
-    return parser
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from moelab.reports.compare import compare_runs
-
-    r = compare_runs(args.runs, args.out)
-    if args.json:
-        print(json.dumps(r, indent=1))
-        return 0
-    for s in r["runs"]:
-        val = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
-        print(f"{s['name']:<24} step {s['steps']:<6} train LM loss {s['train_lm_loss']:.4f}  val loss {val}  "
-              f"{s['median_tokens_per_s']:,.0f} tokens/s")
-    if args.out:
-        print(f"report: {Path(args.out) / 'report.md'}")
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from moelab.checkpoint.model_files import save_model
     from moelab.interop.hf import export_hf
@@ -241,39 +170,3 @@ def cmd_presets(args: argparse.Namespace) -> int:
             ref += f"; {human(r['active_params_paper'])} active in the paper's convention (see `moelab params`)"
         print(f"{r['name']:<20}{human(r['total_params']):>8} total {human(r['active_params']):>8} active{ref}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if command is not None and argv[command] == "eval":  # `moelab eval SOURCE ...` = `moelab eval lm SOURCE ...`
-        from moelab.cli_eval import EVALS
-
-        i = command + 1
-        if i < len(argv) and argv[i] not in EVALS and not argv[i].startswith("-"):
-            argv.insert(i, "lm")
-    args, extra = parser.parse_known_args(argv)
-    args.argv = argv
-    if extra and not getattr(args, "allow_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
-    except (MoelabError, ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def main_entry() -> None:
-    if "--debug" not in sys.argv[1:]:  # one line per warning, without the source line that raised it
-        warnings.formatwarning = lambda message, category, *rest, **kw: f"moelab: warning: {message}\n"
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    main_entry()

@@ -247,13 +247,7 @@ def _count(items) -> dict:
 
 
 def _write_report(out: Path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moelab.fileio import write_atomic
-    from moelab.reports.writer import md_table, save_figure
+    from moelab.reports.writer import md_table, plt, save_figure, write_report
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for a in r["attempts"]:
@@ -274,5 +268,4 @@ def _write_report(out: Path, r: dict) -> None:
           md_table(["attempt", "resumed from step", "kill", "last step logged", "checkpoints verified"],
                    [[a["index"], a["start_step"], a["kill"], a["reached_step"], a["checkpoints_verified"]]
                     for a in r["attempts"]]), "", "![timeline](timeline.png)", ""]
-    write_atomic(out / "report.md", "\n".join(md))
-    write_atomic(out / "result.json", json.dumps(r, indent=1) + "\n")
+    write_report(out, "moelab ckpt torture", "\n".join(md), r, json_name="result.json")

@@ -82,7 +82,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_torture(args) -> int:
-    from moelab.reliability import torture
+    from moelab.reliability.torture import torture
 
     if args.kills < 0:
         raise MoelabError("--kills must be >= 0")
@@ -90,7 +90,7 @@ def cmd_torture(args) -> int:
     if args.steps is not None:
         import tempfile
 
-        from moelab.reliability import default_config
+        from moelab.reliability.torture import default_config
         from moelab.train.config import TrainConfig
 
         cfg = TrainConfig.load(config) if config else default_config()

@@ -1,0 +1,69 @@
+"""`moelab <command>`: a thin layer that parses arguments and calls the library.
+
+Every error a user can cause is printed as one line naming the bad input and the fix, with a
+non-zero exit and no traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from moelab.cli import analyze, bench, ckpt, compare, data, experiment, generate, model, train
+from moelab.cli import eval as evaluate
+from moelab.errors import MoelabError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab", formatter_class=_Formatter,
+        description="moelab: build, train, run and analyse Mixture-of-Experts language models.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for register in (model.register, data.register, train.register, generate.register, train.register_report,
+                     analyze.register, bench.register, evaluate.register, ckpt.register, compare.register,
+                     experiment.register):  # in `moelab --help` order
+        register(sub, _Formatter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "eval":  # `moelab eval SOURCE ...` = `moelab eval lm SOURCE ...`
+        from moelab.cli.eval import EVALS
+
+        i = command + 1
+        if i < len(argv) and argv[i] not in EVALS and not argv[i].startswith("-"):
+            argv.insert(i, "lm")
+    args, extra = parser.parse_known_args(argv)
+    args.argv = argv
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
+    except (MoelabError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    if "--debug" not in sys.argv[1:]:  # one line per warning, without the source line that raised it
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"moelab: warning: {message}\n"
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

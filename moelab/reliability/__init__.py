@@ -1,0 +1,1 @@
+"""Reliability: the torture harness (`moelab ckpt torture`: SIGKILL training again and again, resume, compare bit for bit). The fault-injection points it triggers live in `moelab/faults.py`, below checkpoint/ and train/, which call them."""
