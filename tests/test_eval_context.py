@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
-from moelab.data.corpus import Document
+from moelab.data.document import Document
 from moelab.errors import ConfigError
 from moelab.eval.context import check_lengths, context_windows, position_losses, summarise
 from moelab.model import build_model

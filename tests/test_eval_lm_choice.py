@@ -13,7 +13,7 @@ from moelab.checkpoint.model_files import save_model
 from moelab.cli import main
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.data import train_tokenizer
-from moelab.data.corpus import Document
+from moelab.data.document import Document
 from moelab.eval.choice import Question, evaluate_choices, load_tasks, loglikelihoods, mean_stderr
 from moelab.eval.lm import bootstrap_ratio, document_nll, summarize
 from moelab.model import build_model

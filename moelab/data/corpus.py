@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.fileio import write_atomic
+from moelab.data.document import Document
 from moelab.data.sources import MAX_DOC_CHARS, MIN_DOC_CHARS, SOURCES, stable_hash
+from moelab.data.userdata import read_documents
 from moelab.errors import DataError
 
 # Bump when the built-in sources change, so stale caches are rebuilt instead of reused.
@@ -26,13 +28,6 @@ BUILTIN_VERSION = 2
 # at vocab 2048); `prose` is all the help topics and the docstrings of two thirds of the stdlib.
 DOMAIN_CHARS = {"code": 1_000_000, "prose": 1_000_000, "math": 750_000}  # math: fewer chars per token
 DEFAULT_VAL_FRACTION = 0.05
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    domain: str
-    doc_id: str
 
 
 @dataclass
@@ -169,8 +164,6 @@ def load_corpus(source: str | Path | None, cache_dir: str | Path | None = None, 
         raise DataError("the data path is empty; give a text file, a directory, a .jsonl file or 'builtin'")
     if source is None or str(source) == "builtin":
         return builtin_corpus(cache_dir=cache_dir, seed=seed, val_fraction=val_fraction)
-    from moelab.data.userdata import read_documents
-
     path = Path(source)
     docs = read_documents(path)
     corpus = split_documents(docs, val_fraction, seed)

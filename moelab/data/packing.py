@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moelab.data.corpus import Corpus, Document
+from moelab.data.corpus import Corpus
+from moelab.data.document import Document
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import ConfigError, DataError
 

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from moelab.data.corpus import Document
+from moelab.data.document import Document
 from moelab.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".tex", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moelab.data.corpus import Document
+from moelab.data.document import Document
 from moelab.errors import ConfigError, DataError
 
 

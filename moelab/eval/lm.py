@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moelab.data.corpus import Document
+from moelab.data.document import Document
 from moelab.errors import DataError
 
 
