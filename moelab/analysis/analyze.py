@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from moelab.analysis import similarity, stats
-from moelab.analysis.recorder import RoutingRecorder
-from moelab.data.corpus import Document
+from moelab.analysis.recorder import record
+from moelab.analysis.training import routing_over_training
+from moelab.data.document import Document
 from moelab.errors import ConfigError, DataError, MoelabError
 from moelab.fileio import write_atomic
 
@@ -52,44 +53,6 @@ def encode_documents(tokenizer, docs: list[Document], max_tokens: int, seq_len: 
             windows.append((di, s, ids[s:s + seq_len]))
         total += len(ids)
     return windows, total
-
-
-def _batches(windows, batch_size: int):
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
-        width = max(len(w[2]) for w in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for r, (_, _, w) in enumerate(chunk):
-            ids[r, :len(w)] = torch.tensor(w)
-            mask[r, :len(w)] = True
-        yield chunk, ids, mask
-
-
-def record(model, windows, batch_size: int, layers: list[int] | None, expert_outputs: bool,
-           progress: bool = True, spill_dir: Path | None = None, total: int | None = None):
-    """Run ``windows`` through ``model`` with a recorder; returns (recorder, token columns)."""
-    from tqdm.auto import tqdm
-
-    rec = RoutingRecorder(model, layers=layers, expert_outputs=expert_outputs, spill_dir=spill_dir)
-    cols = {"token": [], "doc": [], "pos": [], "row_pos": []}
-    bar = tqdm(total=total, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
-    model.eval()
-    try:
-        with torch.no_grad():
-            for chunk, ids, mask in _batches(windows, batch_size):
-                rec.set_mask(mask)
-                model(ids)
-                for di, start, w in chunk:
-                    cols["token"].append(np.asarray(w, dtype=np.int64))
-                    cols["doc"].append(np.full(len(w), di, dtype=np.int64))
-                    cols["pos"].append(np.arange(start, start + len(w), dtype=np.int64))
-                    cols["row_pos"].append(np.arange(len(w), dtype=np.int64))
-                bar.update(int(mask.sum()))
-    finally:
-        rec.close()
-        bar.close()
-    return rec, {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}
 
 
 def moe_layer_indices(model, source) -> list[int]:
@@ -173,8 +136,6 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
         raise ConfigError("--view-layer", view, f"must be one of the analysed MoE layers {chosen}")
     result["token_view"] = _token_view(rec.traces[view].arrays()["experts"][:, 0], cols, docs, tokenizer, view)
     if over_training:
-        from moelab.analysis.training import routing_over_training
-
         result["routing_over_training"] = routing_over_training(source, windows, batch_size, chosen)
     result["seconds"] = time.perf_counter() - t0
     write_atomic(out / "analysis.json", json.dumps(result, indent=1) + "\n")

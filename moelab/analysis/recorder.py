@@ -14,7 +14,8 @@ Per token (only the tokens the caller marks as real, see :meth:`RoutingRecorder.
 Logits are unchanged (the hooks only read; the extra expert runs are under no_grad). Arrays are
 kept in chunks, in memory or, with ``spill_dir``, as ``.npy`` files read back memory-mapped, so
 long inputs need not live in memory. There is no global state: detach with ``close()`` or use the
-recorder as a context manager.
+recorder as a context manager. :func:`record` streams windows of token ids through a model with a
+recorder attached: the one way every analysis runs a model over tokens.
 
 Shape legend: T tokens (real ones of a batch), E experts, K selected per token, D model dim.
 """
@@ -149,3 +150,41 @@ class RoutingRecorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _batches(windows, batch_size: int):
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        width = max(len(w[2]) for w in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for r, (_, _, w) in enumerate(chunk):
+            ids[r, :len(w)] = torch.tensor(w)
+            mask[r, :len(w)] = True
+        yield chunk, ids, mask
+
+
+def record(model, windows, batch_size: int, layers: list[int] | None, expert_outputs: bool,
+           progress: bool = True, spill_dir: Path | None = None, total: int | None = None):
+    """Run ``windows`` through ``model`` with a recorder; returns (recorder, token columns)."""
+    from tqdm.auto import tqdm
+
+    rec = RoutingRecorder(model, layers=layers, expert_outputs=expert_outputs, spill_dir=spill_dir)
+    cols = {"token": [], "doc": [], "pos": [], "row_pos": []}
+    bar = tqdm(total=total, desc="analyze", unit="tok", disable=not progress, dynamic_ncols=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for chunk, ids, mask in _batches(windows, batch_size):
+                rec.set_mask(mask)
+                model(ids)
+                for di, start, w in chunk:
+                    cols["token"].append(np.asarray(w, dtype=np.int64))
+                    cols["doc"].append(np.full(len(w), di, dtype=np.int64))
+                    cols["pos"].append(np.arange(start, start + len(w), dtype=np.int64))
+                    cols["row_pos"].append(np.arange(len(w), dtype=np.int64))
+                bar.update(int(mask.sum()))
+    finally:
+        rec.close()
+        bar.close()
+    return rec, {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}

@@ -14,7 +14,7 @@ import numpy as np
 
 def routing_over_training(source, windows, batch_size: int, layers: list[int], probe_tokens: int = 4096) -> dict | None:
     """None when ``source`` is not a run directory with at least two checkpoints."""
-    from moelab.analysis.analyze import record
+    from moelab.analysis.recorder import record
     from moelab.checkpoint.model_files import load_model
     from moelab.checkpoint.run import checkpoint_dirs
 
