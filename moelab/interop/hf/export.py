@@ -22,7 +22,7 @@ from moelab.checkpoint.atomic import atomic_directory
 from moelab.checkpoint.model_files import model_state
 from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import MoelabError
-from moelab.interop.hf import HF_CONFIG, choose_family
+from moelab.interop.hf.families import HF_CONFIG, choose_family
 from moelab.model import MoETransformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -1,9 +1,5 @@
-"""Hugging Face interop: load HF MoE checkpoints into moelab models and export them back.
-
-One adapter per family (``mixtral``, ``phimoe``, ``dbrx``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``,
-``deepseek_v2``, ``deepseek_v3``), each a config mapping both ways plus declarative key rules.
-``transformers`` is never imported here: config.json is read as JSON and weights with safetensors.
-"""
+"""The HF families moelab reads and writes: the adapter registry, config.json reading, the HF -> moelab
+config mapping and the choice of a family for export."""
 
 from __future__ import annotations
 
@@ -90,10 +86,3 @@ def choose_family(cfg: ModelConfig, family: str | None = None, preferred: str | 
     detail = "; ".join(f"{name}: {', '.join(p)}" for name, p in problems.items())
     raise MoelabError(f"no Hugging Face family can express this model ({detail}); keep it in moelab's own format "
                       "(`moelab convert SRC DST --to moelab` or moelab.checkpoint.model_files.save_model)")
-
-
-from moelab.interop.hf.export import export_hf  # noqa: E402
-from moelab.interop.hf.load import load_hf  # noqa: E402
-
-__all__ = ["ADAPTERS", "EXPORT_ORDER", "choose_family", "export_hf", "get_adapter", "hf_config_to_model_config",
-           "is_hf_config", "load_hf", "read_hf_config"]

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from moelab.checkpoint.model_files import model_state
 from moelab.errors import CheckpointError
-from moelab.interop.hf import HF_CONFIG, get_adapter, hf_config_to_model_config, read_hf_config
+from moelab.interop.hf.families import HF_CONFIG, get_adapter, hf_config_to_model_config, read_hf_config
 from moelab.model import MoETransformer, build_model
 
 SINGLE = "model.safetensors"
