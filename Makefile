@@ -23,10 +23,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
+# lint-imports: the layering contract in pyproject.toml (docs/architecture.md)
 test: $(VENV)/.installed-test
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: setup

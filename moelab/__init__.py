@@ -10,14 +10,20 @@ import importlib
 
 __version__ = "0.1.0"
 
+# name -> the module that defines it (docs/architecture.md says which folder owns what)
 _EXPORTS = {
     "AoEConfig": "moelab.config", "AttentionConfig": "moelab.config", "ModelConfig": "moelab.config",
     "MoEConfig": "moelab.config", "RouterConfig": "moelab.config", "load_config": "moelab.config",
     "save_config": "moelab.config",
-    "CheckpointError": "moelab.errors", "ConfigError": "moelab.errors", "MoelabError": "moelab.errors",
-    "export_hf": "moelab.interop.hf", "load": "moelab.loading",
+    "CheckpointError": "moelab.errors", "ConfigError": "moelab.errors", "DataError": "moelab.errors",
+    "MoelabError": "moelab.errors",
     "ModelOutput": "moelab.model", "MoETransformer": "moelab.model", "build_model": "moelab.model",
     "count_params": "moelab.params", "get_preset": "moelab.presets",
+    "load": "moelab.loading", "load_tokenizer": "moelab.loading",
+    "save_model": "moelab.checkpoint.model_files", "export_hf": "moelab.interop.hf",
+    "TrainConfig": "moelab.train.config",
+    "generate": "moelab.inference.generate", "generate_batch": "moelab.inference.engine",
+    "analyze": "moelab.analysis.analyze",
 }
 
 __all__ = sorted(_EXPORTS)
