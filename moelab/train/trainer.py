@@ -29,6 +29,7 @@ from moelab.errors import CheckpointError, ConfigError, MoelabError
 
 class NumericsError(MoelabError):
     """Training stopped by a numerics guard (non-finite step, loss spike)."""
+from moelab.checkpoint.layout import WEIGHTS
 from moelab.checkpoint.model_files import load_state_strict, read_weights
 from moelab.checkpoint.run import is_distributed, latest_checkpoint, recover_checkpoints, set_aside_newer
 from moelab.checkpoint.trainer_state import DataPosition, load_trainer_state, restore_rng, save_checkpoint
@@ -247,12 +248,6 @@ class Trainer:
         self.entropy = self.data.unigram_entropy
 
     def _setup_model(self) -> None:
-        from moelab.checkpoint.distributed import (
-            full_optimizer_state,
-            load_distributed_checkpoint,
-            load_full_optimizer_state,
-        )
-
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -269,37 +264,56 @@ class Trainer:
                 warnings.warn(f"{self.run_dir}: resuming from {ckpt.name}; set aside {line}", stacklevel=2)
         if ckpt is not None and env is not None:
             env.barrier()
-        full_optim = None
-        if ckpt is not None and not is_distributed(ckpt):  # a single-process checkpoint
-            state, meta = load_trainer_state(ckpt)
-            load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
-            if env is not None:  # its optimizer state by parameter name, to shard after parallelizing
-                plain = make_optimizer(self.model, cfg)
-                plain.load_state_dict(state["optimizer"])
-                full_optim = full_optimizer_state(self.model, plain)
+        # a single-process checkpoint's weights go in before parallelizing (its optimizer state is kept by
+        # parameter name, to shard after)
+        single = self._read_single(ckpt, shard_later=env is not None) if ckpt is not None and not is_distributed(ckpt) \
+            else None
         if env is not None:
             self.model.to(env.device)
             parallelize(self.model, env)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         if ckpt is not None:
-            if is_distributed(ckpt):
-                meta = load_distributed_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
-                                                   rank=env.rank if env is not None else 0)
-            else:
-                if full_optim is not None:
-                    load_full_optimizer_state(self.model, self.optimizer, full_optim)
-                else:
-                    self.optimizer.load_state_dict(state["optimizer"])
-                self.scheduler.load_state_dict(state["scheduler"])
-                restore_rng(state)
-            # new total steps may extend the schedule
-            self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
+            meta = self._restore(ckpt, single)
             self.step, self.position = meta["step"], DataPosition(meta["epoch"], meta["index"])
             # the numerics guards' budgets span the whole run, not one process
             self.skips, self.rollbacks = int(meta.get("skips", 0)), int(meta.get("rollbacks", 0))
         if cfg.compile:
             self.model.compile_blocks()
+
+    def _read_single(self, ckpt: Path, shard_later: bool) -> tuple[dict, dict, dict | None]:
+        """A single-process checkpoint: its weights loaded into the model now; returns (trainer state,
+        meta, the optimizer state by parameter name when ``shard_later``, else None)."""
+        from moelab.checkpoint.distributed import full_optimizer_state
+
+        state, meta = load_trainer_state(ckpt)
+        load_state_strict(self.model, read_weights(ckpt / WEIGHTS), str(ckpt))
+        full_optim = None
+        if shard_later:
+            plain = make_optimizer(self.model, self.cfg)
+            plain.load_state_dict(state["optimizer"])
+            full_optim = full_optimizer_state(self.model, plain)
+        return state, meta, full_optim
+
+    def _restore(self, ckpt: Path, single: tuple | None = None) -> dict:
+        """Restore ``ckpt`` into the (parallelized) model, optimizer, scheduler and RNG, on resume and on a
+        rollback alike; ``single``: what :meth:`_read_single` already read. Returns the checkpoint's meta."""
+        from moelab.checkpoint.distributed import load_distributed_checkpoint, load_full_optimizer_state
+
+        if is_distributed(ckpt):
+            meta = load_distributed_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
+                                               rank=self.env.rank if self.env is not None else 0)
+        else:
+            state, meta, full_optim = single if single is not None else self._read_single(ckpt, shard_later=False)
+            if full_optim is not None:
+                load_full_optimizer_state(self.model, self.optimizer, full_optim)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state)
+        # new total steps may extend the schedule
+        self.scheduler.lr_lambdas = [lr_lambda(self.cfg)] * len(self.optimizer.param_groups)
+        return meta
 
     # ---- loop --------------------------------------------------------------------------------------
     def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -448,7 +462,6 @@ class Trainer:
         return self._rollback(what, record, log)
 
     def _rollback(self, what: str, record: dict, log) -> bool:
-        from moelab.checkpoint.distributed import load_distributed_checkpoint
         from moelab.checkpoint.run import checkpoint_dirs
 
         cfg = self.cfg
@@ -459,16 +472,7 @@ class Trainer:
             raise NumericsError(f"{what}; max_rollbacks={cfg.max_rollbacks} already used: stopped")
         self.rollbacks += 1
         ckpt = latest_checkpoint(self.run_dir)
-        if is_distributed(ckpt):
-            meta = load_distributed_checkpoint(ckpt, self.model, self.optimizer, self.scheduler,
-                                               rank=self.env.rank if self.env is not None else 0)
-        else:
-            state, meta = load_trainer_state(ckpt)
-            load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            restore_rng(state)
-        self.scheduler.lr_lambdas = [lr_lambda(cfg)] * len(self.optimizer.param_groups)
+        meta = self._restore(ckpt)
         from_step, self.step = self.step, meta["step"]
         # the history holds steps 1 .. from_step - 1 (a spike is not added): drop those after the checkpoint
         self.spikes.history = self.spikes.history[:max(0, len(self.spikes.history) - (from_step - 1 - self.step))]
