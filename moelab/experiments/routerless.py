@@ -121,11 +121,7 @@ def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str,
     scale = layer.router_cfg.routed_scaling_factor
     parts = [_select_chunk(ex, x_TD[s:s + chunk], node, norm, K, scale) for s in range(0, B * T, chunk)]
     out_TD, norms_TE, idx_TK, weight_TK = (torch.cat(p) for p in zip(*parts))
-    if layer.shared is not None:  # exactly as MoELayer.forward
-        shared_TD = layer.shared(x_TD)
-        if layer.shared_gate is not None:
-            shared_TD = torch.sigmoid(layer.shared_gate(x_TD)) * shared_TD
-        out_TD = out_TD + shared_TD
+    out_TD = layer.add_shared(x_TD, out_TD)  # exactly as MoELayer.forward
     # the norms stand in for router logits, so layer metrics describe the routerless selection
     routing = Routing.from_topk(idx_TK, weight_TK, norms_TE, norms_TE.softmax(dim=-1))
     if layer.record_stats:

@@ -110,17 +110,22 @@ class MoELayer(nn.Module):
             kept = routing.select(routing.kept_A)
         if hasattr(self.experts, "stats"):  # expert parallelism: a checkpointed recompute counts nothing
             self.experts.stats.enabled = self.record_stats
-        out_TD = dispatch_combine(self.experts, x_TD, kept, capacity)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            out_TD = out_TD + shared_TD
+        out_TD = self.add_shared(x_TD, dispatch_combine(self.experts, x_TD, kept, capacity))
         if self.record_stats:
             self._record(routing, kept, layout, capacity)
         if valid_T is not None:
             out_TD = out_TD.new_zeros(B * T, D).index_put((valid_T.nonzero().squeeze(1),), out_TD)
         return out_TD.view(B, T, D), routing
+
+    def add_shared(self, x_TD: torch.Tensor, routed_TD: torch.Tensor) -> torch.Tensor:
+        """The routed output plus the always-on shared experts' (DeepSeekMoE eq. 9), with Qwen2-MoE's
+        sigmoid gate on the shared output when configured."""
+        if self.shared is None:
+            return routed_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return routed_TD + shared_TD
 
     @torch.no_grad()
     def _record(self, routing: Routing, kept: Routing, layout: TokenLayout, capacity: int | None) -> None:
