@@ -233,3 +233,42 @@ def test_routing_over_training_compares_every_checkpoint_with_the_final(tmp_path
     for layer, agree in t["agreement"].items():
         assert len(agree) == 3 and agree[-1] == 1.0 and all(0.0 <= a <= 1.0 for a in agree)
     assert routing_over_training(tmp_path / "an", [], 2, [0]) is None  # not a run directory
+
+
+def test_padding_is_not_routed_during_analysis():
+    """Issue 22.1: windows of unequal length are right-padded into a batch; the pads must take no expert
+    slot. With an eval capacity, every expert keeps min(load, C) of its real assignments, C computed from
+    the real tokens only, so the recorded drops are exactly the overflow counted by hand."""
+    import math
+
+    from moelab.analysis.recorder import record
+
+    vocab = 16
+    model = planted_model(vocab, capacity_factor=1.0)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [32, 32, 8, 8, 8, 8, 8, 8]
+    # token ids 1..15 skewed toward id 1 (experts 1 and 2 overloaded); the pad id 0 would route to experts 0, 1
+    windows = [(r, 0, (1 + torch.randint(0, 15, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.4)).tolist())
+               for r, n in enumerate(lengths)]
+    rec, cols = record(model, windows, batch_size=8, layers=None, expert_outputs=True, progress=False)
+    a = rec.traces[0].arrays()
+    ids = np.concatenate([w for _, _, w in windows])
+    N = len(ids)
+    assert a["experts"].shape[0] == N == len(cols["token"]) and a["output_norms"].shape == (N, E)
+    assert (a["experts"][:, 0] == ids % E).all() and (a["experts"][:, 1] == (ids + 1) % E).all()
+    cap = math.ceil(1.0 * N * 2 / E)  # Switch's C = ceil(cf * T * K / E) over the real tokens
+    load = np.bincount(np.concatenate([ids % E, (ids + 1) % E]), minlength=E)
+    assert int(a["dropped"].sum()) == int(np.maximum(load - cap, 0).sum()) > 0
+
+
+def test_recorder_works_on_a_masked_forward():
+    """The layer routes only the real tokens of a masked forward; the recorder keeps exactly those."""
+    model = planted_model(12)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    with RoutingRecorder(model, expert_outputs=True) as rec:
+        rec.set_mask(mask)
+        model(ids, attention_mask=mask)
+    a = rec.traces[0].arrays()
+    real = ids[mask].numpy()
+    assert (a["experts"][:, 0] == real % E).all() and a["output_norms"].shape == (6, E)

@@ -1,7 +1,8 @@
 """The routing recorder: attaches to a model from outside (forward hooks on its MoE layers) and keeps,
 per MoE layer and token, what the analyses need.
 
-Per token (only the tokens the caller marks as real, see :meth:`RoutingRecorder.set_mask`):
+Per token (only real tokens: those of a forward run with an attention mask, which the MoE layers
+route alone, or those the caller marks with :meth:`RoutingRecorder.set_mask`):
 - ``experts``: the selected experts in choice order, padded with -1 (K columns for token choice,
   up to E for expert choice / top-p), int16;
 - ``weights``: their combine weights (fp32), 0 where padded;
@@ -120,8 +121,14 @@ class RoutingRecorder:
         def hook(module: MoELayer, inputs, output):
             x_BTD = inputs[0]
             routing: Routing = output[1]
-            keep_T = (self._mask.reshape(-1).to(x_BTD.device) if self._mask is not None
-                      else torch.ones(routing.num_tokens, dtype=torch.bool, device=x_BTD.device))
+            x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+            if routing.num_tokens != x_TD.shape[0]:  # a masked forward: the layer routed the real tokens only
+                x_TD = x_TD[inputs[1].reshape(-1)]  # the same tokens, sequence-major as the routing's
+                keep_T = torch.ones(routing.num_tokens, dtype=torch.bool, device=x_BTD.device)
+            else:
+                keep_T = (self._mask.reshape(-1).to(x_BTD.device) if self._mask is not None
+                          else torch.ones(routing.num_tokens, dtype=torch.bool, device=x_BTD.device))
+                x_TD = x_TD[keep_T]
             experts, weights, dropped = per_token_choices(routing)
             tr = self.traces[block_index]
             tr.experts.append(experts[keep_T].to(torch.int16).cpu().numpy())
@@ -129,7 +136,6 @@ class RoutingRecorder:
             tr.dropped.append(dropped[keep_T].cpu().numpy())
             tr.scores.append(routing.probs_TE.detach()[keep_T].to(torch.float16).cpu().numpy())
             if self.expert_outputs:
-                x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])[keep_T]
                 norms = []
                 for s in range(0, x_TD.shape[0], self.token_chunk):
                     y_TED = all_expert_outputs(module, x_TD[s:s + self.token_chunk]).float()
@@ -177,7 +183,7 @@ def record(model, windows, batch_size: int, layers: list[int] | None, expert_out
         with torch.no_grad():
             for chunk, ids, mask in _batches(windows, batch_size):
                 rec.set_mask(mask)
-                model(ids)
+                model(ids, attention_mask=mask)  # padding is neither attended to nor routed
                 for di, start, w in chunk:
                     cols["token"].append(np.asarray(w, dtype=np.int64))
                     cols["doc"].append(np.full(len(w), di, dtype=np.int64))
