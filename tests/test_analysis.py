@@ -272,3 +272,26 @@ def test_recorder_works_on_a_masked_forward():
     a = rec.traces[0].arrays()
     real = ids[mask].numpy()
     assert (a["experts"][:, 0] == real % E).all() and a["output_norms"].shape == (6, E)
+
+
+def test_output_similarity_sums_angular_and_cosine():
+    """Issue 22.4: A Closer Look's heat maps average 1 - arccos(cos)/pi; orthogonal outputs score 0.5."""
+    y = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]],     # token 0: e0 ⟂ e1, e2 = -e0
+                      [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])     # token 1: e0-e1 45 degrees, e0-e2 45, e1 ⟂ e2
+    s = similarity.output_similarity_sums(y)
+    assert np.allclose(np.diag(s["angular"]), 2) and np.allclose(np.diag(s["cosine"]), 2)
+    assert s["angular"][0, 1] == pytest.approx(0.5 + 0.75) and s["cosine"][0, 1] == pytest.approx(0 + 2 ** -0.5)
+    assert s["angular"][0, 2] == pytest.approx(0.0 + 0.75) and s["cosine"][0, 2] == pytest.approx(-1 + 2 ** -0.5)
+    assert s["angular"][1, 2] == pytest.approx(0.5 + 0.5) and s["cosine"][1, 2] == pytest.approx(0 + 0)
+
+
+def test_analyze_output_similarity_is_angular_by_default(planted, tmp_path):
+    model_dir, data, _ = planted
+    r = analyze(model_dir, tmp_path / "a", data=str(data), progress=False)
+    c = analyze(model_dir, tmp_path / "c", data=str(data), progress=False, output_similarity="cosine")
+    ang, cos = np.array(r["output_similarity"]["0"]), np.array(c["output_similarity"]["0"])
+    assert r["output_similarity_measure"] == "angular" and c["output_similarity_measure"] == "cosine"
+    assert np.allclose(np.diag(ang), 1) and (ang >= 0).all() and (ang <= 1 + 1e-9).all()
+    assert not np.allclose(ang, cos)
+    with pytest.raises(ConfigError, match="output-similarity"):
+        analyze(model_dir, tmp_path / "x", data=str(data), progress=False, output_similarity="euclid")

@@ -65,11 +65,18 @@ def moe_layer_indices(model, source) -> list[int]:
 def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_tokens: int = 100_000,
             layers: list[int] | None = None, seq_len: int | None = None, batch_size: int = 16,
             expert_outputs: bool = True, neuron_matching: bool = False, view_layer: int | None = None,
-            over_training: bool = True, progress: bool = True, seed: int = 0) -> dict:
+            over_training: bool = True, progress: bool = True, seed: int = 0,
+            output_similarity: str = "angular") -> dict:
     """Analyse ``source`` (a moelab run / checkpoint / model directory or an HF directory) and write
-    ``analysis.json``, ``report.html`` and ``figures/`` into ``out``; returns the analysis."""
+    ``analysis.json``, ``report.html`` and ``figures/`` into ``out``; returns the analysis.
+    ``output_similarity``: how expert outputs are compared, "angular" (1 - arccos(cos)/pi, as the
+    authors of "A Closer Look into MoE" average) or "cosine"."""
     from moelab.analysis.report import write_analysis_report
     from moelab.loading import load, load_tokenizer
+
+    if output_similarity not in similarity.OUTPUT_SIMILARITIES:
+        raise ConfigError("--output-similarity", output_similarity,
+                          f"choose one of {', '.join(similarity.OUTPUT_SIMILARITIES)}")
 
     t0 = time.perf_counter()
     if max_tokens <= 0:
@@ -99,6 +106,7 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
               "layers": chosen, "num_experts": {}, "top_k": {}, "expert_load": {}, "consecutive": {},
               "token_specialization": {}, "token_specialization_min8": {}, "routing_spread": {},
               "top_tokens": {}, "drop_by_position": {}, "weight_similarity": {}, "output_similarity": {},
+              "output_similarity_measure": output_similarity,
               "weight_vs_output": {}, "router_vs_experts": {}, "router_top1_is_max_norm": {}, "router_vs_norm": {},
               "expert_outputs": expert_outputs}
     blocks = {i: model.blocks[i].ffn for i in chosen}
@@ -123,8 +131,7 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
         if neuron_matching:
             result.setdefault("neuron_matched_similarity", {})[key] = similarity.neuron_matched_similarity(layer)
         if expert_outputs and arr["output_norms"] is not None:
-            tr = rec.traces[i]
-            out_sim = tr.output_cos_sum_EE / max(tr.output_cos_tokens, 1)
+            out_sim = rec.traces[i].output_similarity(output_similarity)
             result["output_similarity"][key] = out_sim.tolist()
             result["weight_vs_output"][key] = {k: similarity.pair_correlation(result["weight_similarity"][key][k],
                                                                               out_sim) for k in similarity.KINDS}

@@ -11,7 +11,7 @@ route alone, or those the caller marks with :meth:`RoutingRecorder.set_mask`):
 - ``dropped``: which of the selected experts a capacity limit dropped (bool);
 - with ``expert_outputs=True``: the L2 norm of every expert's unweighted output (all experts are run
   on every token, as "A Closer Look into MoE" does), fp32, and the per-layer sum over tokens of the
-  cosine similarity of every pair of expert outputs (E x E, float64).
+  angular and the cosine similarity of every pair of expert outputs (E x E, float64).
 Logits are unchanged (the hooks only read; the extra expert runs are under no_grad). Arrays are
 kept in chunks, in memory or, with ``spill_dir``, as ``.npy`` files read back memory-mapped, so
 long inputs need not live in memory. There is no global state: detach with ``close()`` or use the
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelab.analysis.similarity import OUTPUT_SIMILARITIES, output_similarity_sums
 from moelab.moe.dispatch import choice_rank
 from moelab.moe.layer import MoELayer
 from moelab.moe.routing import Routing
@@ -67,8 +68,13 @@ class LayerTrace:
         self.scores = _Chunks(spill, f"{prefix}_scores")
         self.dropped = _Chunks(spill, f"{prefix}_dropped")
         self.output_norms = _Chunks(spill, f"{prefix}_output_norms")
-        self.output_cos_sum_EE = np.zeros((num_experts, num_experts))
-        self.output_cos_tokens = 0
+        # per measure (moelab.analysis.similarity.OUTPUT_SIMILARITIES), the sum over tokens of E x E similarities
+        self.output_sim_sum = {m: np.zeros((num_experts, num_experts)) for m in OUTPUT_SIMILARITIES}
+        self.output_sim_tokens = 0
+
+    def output_similarity(self, measure: str) -> np.ndarray:
+        """The mean over the recorded tokens of the E x E output similarity."""
+        return self.output_sim_sum[measure] / max(self.output_sim_tokens, 1)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"experts": self.experts.concat(-1), "weights": self.weights.concat(0.0),
@@ -140,9 +146,9 @@ class RoutingRecorder:
                 for s in range(0, x_TD.shape[0], self.token_chunk):
                     y_TED = all_expert_outputs(module, x_TD[s:s + self.token_chunk]).float()
                     norms.append(y_TED.norm(dim=-1))
-                    unit_TED = y_TED / y_TED.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                    tr.output_cos_sum_EE += torch.einsum("ted,tfd->ef", unit_TED, unit_TED).double().cpu().numpy()
-                    tr.output_cos_tokens += y_TED.shape[0]
+                    for m, sum_EE in output_similarity_sums(y_TED).items():
+                        tr.output_sim_sum[m] += sum_EE
+                    tr.output_sim_tokens += y_TED.shape[0]
                 tr.output_norms.append(torch.cat(norms).cpu().numpy() if norms else np.zeros((0, module.num_experts)))
         return hook
 

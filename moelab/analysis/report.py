@@ -71,13 +71,18 @@ def _fig_specialization(r: dict, fig_dir: Path) -> Path:
 def _fig_similarity(r: dict, fig_dir: Path) -> Path:
     picks = _pick(r["layers"])
     kinds = ["gate", "up", "down"] + (["output"] if r["output_similarity"] else [])
+    measure = r.get("output_similarity_measure", "cosine")
     fig, axes = plt.subplots(len(picks), len(kinds), figsize=(2.9 * len(kinds), 2.6 * len(picks)), squeeze=False)
     for row, layer in zip(axes, picks):
         for ax, k in zip(row, kinds):
             m = r["output_similarity"][str(layer)] if k == "output" else r["weight_similarity"][str(layer)][k]
-            im = ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
-            ax.set_title(f"layer {layer} {k}", fontsize=8), ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=axes, fraction=0.02)
+            angular = k == "output" and measure == "angular"  # in [0, 1], orthogonal = 0.5
+            im = ax.imshow(m, vmin=0 if angular else -1, vmax=1, cmap="coolwarm")
+            title = f"layer {layer} output ({measure})" if k == "output" else f"layer {layer} {k} (cosine)"
+            ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
+            if k == "output":
+                fig.colorbar(im, ax=ax, fraction=0.046, label=measure)
+    fig.colorbar(axes[0][0].images[0], ax=axes[:, :3], fraction=0.02, label="cosine (weights)")
     path = fig_dir / "expert_similarity.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -186,8 +191,11 @@ def write_analysis_report(out: Path, r: dict) -> Path:
             "The model is dropless at inference: no token is dropped.", drops)
     wv = r["weight_vs_output"].get(str(L[len(L) // 2]), {})
     section("6. Expert similarity (A Closer Look into MoE)",
-            "Cosine similarity of every pair of experts' flattened gate / up / down matrices (and of their outputs "
-            "on the same tokens), first, middle and last layer. Red off the diagonal = similar experts. "
+            "Cosine similarity of every pair of experts' flattened gate / up / down matrices, and the mean over "
+            "tokens of the " + ("angular similarity 1 - arccos(cos)/pi (the authors' measure: orthogonal outputs "
+                                "= 0.5, opposite = 0)" if r.get("output_similarity_measure") == "angular" else
+                                "cosine") + " of their outputs on the same token, first, middle and last layer. "
+            "Red off the diagonal = similar experts. "
             + ("At the middle layer, weight similarity predicts output similarity with R^2 = "
                + ", ".join(f"{k} {v['r2']:.3f}" for k, v in wv.items() if v.get("r2") is not None) + "."
                if wv else ""), _fig_similarity(r, figs))

@@ -3,8 +3,10 @@
 
 - Matrix level: cosine similarity of the flattened gate, up and down matrices of every pair of
   experts of a layer (E x E each). A scaled copy of an expert has similarity 1.
-- Output level: the mean over tokens of the cosine of two experts' outputs on the same token
-  (accumulated by the recorder).
+- Output level: the mean over tokens of the similarity of two experts' outputs on the same token
+  (accumulated by the recorder): by default the angular similarity 1 - arccos(cos)/pi that the
+  authors' heat maps average (orthogonal outputs = 0.5, opposite = 0), or the plain cosine
+  (orthogonal = 0) with ``output_similarity="cosine"``.
 - Weight vs output: the Pearson correlation (and R^2) over expert pairs between weight similarity
   and output similarity, per matrix kind.
 - Router vs experts: the paper's gate-embedding analysis. The cosine of router rows (E x E) is
@@ -28,6 +30,17 @@ from moelab.moe.aoe import AoEExperts
 from moelab.moe.layer import MoELayer
 
 KINDS = ("gate", "up", "down")
+OUTPUT_SIMILARITIES = ("angular", "cosine")
+
+
+def output_similarity_sums(y_TED: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per measure (angular, cosine), the E x E sum over tokens of the similarity of every pair of
+    expert outputs on the same token (divide by T for the mean)."""
+    y_TED = y_TED.double()  # arccos is steep near 1: in fp32 a self-similarity would read 0.9999
+    unit_TED = y_TED / y_TED.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos_TEE = torch.einsum("ted,tfd->tef", unit_TED, unit_TED).clamp(-1, 1)
+    return {"cosine": cos_TEE.sum(0).cpu().numpy(),
+            "angular": (1 - torch.arccos(cos_TEE) / torch.pi).sum(0).cpu().numpy()}
 
 
 @torch.no_grad()
