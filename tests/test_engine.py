@@ -2,6 +2,8 @@
 equal single sequences, padding never routes, stop strings cut exactly, streaming, the rolling
 sliding-window cache and chunked prefill equal the full computation."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -156,6 +158,71 @@ def test_stop_strings_cut_exactly_and_streaming_matches():
     out = generate_batch(model, prompts[:1], 24, tokenizer=tok, stop_ids=[first])[0]
     assert out.token_ids == free[0].token_ids[:free[0].token_ids.index(first) + 1]
     assert out.finish_reason == "stop_token"
+
+
+class _Scripted(torch.nn.Module):
+    """A stub model that writes ``script`` (one token id per step) whatever it is fed: the engine's
+    text handling (stop strings, streaming) on a chosen token sequence, e.g. a character split
+    across two byte tokens."""
+
+    def __init__(self, script, vocab=320, max_seq_len=64):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine reads the device from a parameter
+        self.config = SimpleNamespace(max_seq_len=max_seq_len)
+
+    def new_cache(self, rolling=False):
+        return []  # one entry per forward
+
+    def forward(self, input_ids, cache, attention_mask=None):
+        logits_BTV = torch.zeros(*input_ids.shape, self.vocab)
+        logits_BTV[:, -1, self.script[len(cache)]] = 1.0
+        cache.append(input_ids.shape[1])
+        return SimpleNamespace(logits=logits_BTV)
+
+
+@pytest.mark.parametrize("text, max_new, max_seq_len, reason, final", [
+    ("####", 4, 64, "length", "####"),  # the whole tail "#" could start "#X": held back, then flushed
+    ("#####", 9, 7, "context", "####"),  # prompt of 3 tokens: 4 fit
+    ("##", 3, 64, "stop_token", "##"),  # then eos
+    ("##X#", 4, 64, "stop_string", "#"),
+])
+def test_streamed_pieces_add_up_to_the_text_whatever_the_finish_reason(text, max_new, max_seq_len, reason, final):
+    tok = _tokenizer()
+    script = tok.encode(text) + [tok.eos_id]
+    assert len(script) == len(text) + 1  # one token per character
+    pieces = []
+    out = generate_batch(_Scripted(script, max_seq_len=max_seq_len), [[1, 2, 3]], max_new, tokenizer=tok,
+                         stop_strings=["#X"], stream=lambda row, piece: pieces.append(piece))[0]
+    assert out.finish_reason == reason and out.text == final
+    assert "".join(pieces) == final
+
+
+@pytest.mark.parametrize("stop, reason, final", [("bé", "stop_string", "a"), ("bè", "stop_token", "abé")])
+def test_streaming_holds_back_a_split_character_that_may_complete_a_stop_string(stop, reason, final):
+    """é is two byte tokens: after the first the text ends with U+FFFD, and "ab" must still be held
+    back as the start of "bé" (nothing streamed that the stop string later cuts)."""
+    tok = _tokenizer()
+    script = tok.encode("abé") + [tok.eos_id]
+    assert len(script) == 5 and tok.decode(script[:3]) == "ab\ufffd"
+    pieces = []
+    out = generate_batch(_Scripted(script), [[1, 2, 3]], 5, tokenizer=tok, stop_strings=[stop],
+                         stream=lambda row, piece: pieces.append(piece))[0]
+    assert out.finish_reason == reason and out.text == final
+    assert "".join(pieces) == final
+
+
+def test_eval_capacity_is_refused_and_dropless_generates():
+    """With an eval capacity rows compete for expert slots: a row's output would depend on its batch mates."""
+    prompts = _prompts((3, 7))
+    torch.manual_seed(0)
+    capped = build_model(small_config(router=RouterConfig(top_k=2, eval_capacity_factor=1.0))).eval()
+    with pytest.raises(ConfigError, match=r"moe\.router\.eval_capacity_factor=1\.0: .*set it to null"):
+        generate_batch(capped, prompts, 4)
+    torch.manual_seed(0)
+    dropless = build_model(small_config()).eval()
+    for p, c in zip(prompts, generate_batch(dropless, prompts, 4)):
+        assert c.token_ids == generate_ids(dropless, torch.tensor([p]), 4)[0, len(p):].tolist()
 
 
 def _window_model(window=4, layers=2):

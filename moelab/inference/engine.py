@@ -21,6 +21,7 @@ import torch
 from moelab.errors import ConfigError
 from moelab.inference.generate import sample_next
 from moelab.model import MoETransformer
+from moelab.moe.layer import MoELayer
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "context")
 
@@ -41,13 +42,14 @@ class Completion:
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of ``text`` could still be the start of a stop string (or an
     incomplete UTF-8 character): streaming waits for them."""
-    n = len(text) - len(text.rstrip("\ufffd"))
+    n = len(text) - len(text.rstrip("\ufffd"))  # a character split across byte tokens decodes to U+FFFD
+    safe, k_max = text[:len(text) - n], 0  # the stop check runs on the text before it: "b" + "\ufffd" may be "bé"
     for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
+        for k in range(min(len(s) - 1, len(safe)), 0, -1):
+            if safe.endswith(s[:k]):
+                k_max = max(k_max, k)
                 break
-    return n
+    return n + k_max
 
 
 def _check(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, stop_strings: Sequence[str],
@@ -72,6 +74,11 @@ def _check(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int,
         raise ConfigError("stream", "set", "streaming emits text: pass the tokenizer")
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise ConfigError("prefill_chunk", prefill_chunk, "must be a positive number of tokens (None: one pass)")
+    for module in model.modules():  # the check speculative_generate_ids makes
+        if isinstance(module, MoELayer) and module.router_cfg.eval_capacity_factor is not None:
+            raise ConfigError("moe.router.eval_capacity_factor", module.router_cfg.eval_capacity_factor,
+                              "with an eval capacity the rows of a batch compete for expert slots, so a row's "
+                              "output depends on its batch mates and padding; set it to null for generation")
 
 
 @torch.no_grad()
@@ -85,11 +92,13 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
     ``stop_ids`` (default: the tokenizer's eos) end a row when sampled; ``stop_strings`` end it when
     its text contains one (the text is cut right before it). ``stream(row, text)`` receives each
     row's new text as soon as it is certain (held back while it could still become a stop string or
-    an unfinished UTF-8 character). ``prefill_chunk``: run prompts through the cache that many tokens
-    at a time. ``rolling_cache``: sliding-window layers keep only their window (constant memory).
+    an unfinished UTF-8 character, flushed when the row ends whatever its finish reason): the pieces
+    add up to ``text``. ``prefill_chunk``: run prompts through the cache that many tokens at a time.
+    ``rolling_cache``: sliding-window layers keep only their window (constant memory).
     A batch shares one cache index: every row can generate max_seq_len - (longest prompt) tokens
     (finish_reason "context" when that cut a row short). ``token_ids`` and ``logprobs`` keep the
-    token that completed a stop string; ``text`` ends before the string."""
+    token that completed a stop string; ``text`` ends before the string. Dropless eval routing only
+    (``moe.router.eval_capacity_factor`` null): with a capacity rows compete for expert slots."""
     model.eval()
     if any(isinstance(p, str) for p in prompts):
         if tokenizer is None:
@@ -137,8 +146,9 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
                 if hit >= 0:
                     text, active[b], c.finish_reason = text[:hit], False, "stop_string"
                 c.text = text
-                if stream is not None:
-                    upto = len(text) if not active[b] else len(text) - _held_back(text, stop_strings)
+                if stream is not None:  # a row's last step (any finish reason) flushes what was held back
+                    last = not active[b] or step == steps - 1
+                    upto = len(text) if last else len(text) - _held_back(text, stop_strings)
                     if upto > streamed[b]:
                         stream(b, text[streamed[b]:upto])
                         streamed[b] = upto
