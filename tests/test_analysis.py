@@ -295,3 +295,33 @@ def test_analyze_output_similarity_is_angular_by_default(planted, tmp_path):
     assert not np.allclose(ang, cos)
     with pytest.raises(ConfigError, match="output-similarity"):
         analyze(model_dir, tmp_path / "x", data=str(data), progress=False, output_similarity="euclid")
+
+
+def test_neuron_matching_is_per_matrix():
+    """Issue 22.5: A Closer Look matches the neurons of each weight matrix separately (one Hungarian
+    permutation and one Kendall tau per matrix). Expert 1 = expert 0 with its gate rows, up rows and down
+    columns each shuffled by a different permutation: every matrix matches exactly (similarity 1)."""
+    from moelab.moe.layer import MoELayer
+    from tests.helpers import small_config
+
+    layer = MoELayer(small_config())
+    F = layer.experts.gate_EFD.shape[1]
+    g = torch.Generator().manual_seed(0)
+    perms = {k: torch.randperm(F, generator=g) for k in ("gate", "up", "down")}
+    with torch.no_grad():
+        ex = layer.experts
+        for p in (ex.gate_EFD, ex.up_EFD, ex.down_EDF):
+            p.normal_(generator=g)
+        ex.gate_EFD[1] = ex.gate_EFD[0][perms["gate"]]
+        ex.up_EFD[1] = ex.up_EFD[0][perms["up"]]
+        ex.down_EDF[1] = ex.down_EDF[0][:, perms["down"]]
+    matched = similarity.neuron_matched_similarity(layer)
+    for k in ("gate", "up", "down"):
+        assert matched[k][0][1] == pytest.approx(1.0, abs=1e-6), k
+        assert matched[k][1][0] == matched[k][0][1] and matched[k][0][0] == 1.0
+    # Kendall's tau of each matrix's matching against the identity, by scipy on the planted permutation
+    from scipy.stats import kendalltau
+
+    for k in ("gate", "up", "down"):
+        inverse = torch.argsort(perms[k]).numpy()
+        assert matched["kendall_tau"][k][1][0] == pytest.approx(kendalltau(np.arange(F), inverse).statistic)

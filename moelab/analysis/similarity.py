@@ -12,9 +12,10 @@
 - Router vs experts: the paper's gate-embedding analysis. The cosine of router rows (E x E) is
   regressed on the neuron-averaged expert similarity (w1/w3 averaged over their F rows, w2 over its
   F columns: one D-vector per expert) over the lower-triangle pairs; R^2 per matrix kind.
-- Neuron matching (optional, costly): per pair, match the F neurons by the Hungarian algorithm on
-  their cosine (scipy ``linear_sum_assignment``, maximised) and report the similarity after
-  reordering; also Kendall's tau of the matching against the identity.
+- Neuron matching (optional, costly): per pair and per matrix (as the paper: one matching per
+  matrix), match the F neurons by the Hungarian algorithm on their cosine (scipy
+  ``linear_sum_assignment``, maximised) and report the similarity after reordering; also Kendall's
+  tau of each matching against the identity.
 
 For AoE experts the gate matrix is the product W_up W_down (d_wide x D), up is W_p, down is W_o.
 
@@ -99,28 +100,31 @@ def router_vs_experts(layer: MoELayer) -> dict | None:
 
 
 @torch.no_grad()
-def neuron_matched_similarity(layer: MoELayer) -> dict[str, list[list[float]]]:
-    """Per kind, E x E similarity after matching the neurons of each pair (Hungarian, on the
-    concatenated gate/up rows and down columns of each neuron), plus Kendall's tau of each matching."""
+def neuron_matched_similarity(layer: MoELayer) -> dict:
+    """Per kind, E x E similarity after matching the neurons of each pair of experts, matrix by matrix
+    as the paper does: the F x F cosine of one matrix's neurons (gate / up rows, down columns), its
+    Hungarian matching, the flattened cosine after reordering; plus Kendall's tau of each matching
+    against the identity (``kendall_tau[kind]``, E x E)."""
     try:
         from scipy.optimize import linear_sum_assignment
         from scipy.stats import kendalltau
     except ImportError as e:  # pragma: no cover - scipy is a dependency
         raise ImportError("neuron matching needs scipy: pip install scipy") from e
     m = expert_matrices(layer)
+    neurons = {"gate": m["gate"], "up": m["up"], "down": m["down"].transpose(1, 2)}  # (E, F, X) each
     E = m["gate"].shape[0]
-    neuron_EFX = torch.cat([m["gate"], m["up"], m["down"].transpose(1, 2)], dim=-1)  # a neuron's 3 vectors
-    unit = neuron_EFX / neuron_EFX.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    out = {k: np.eye(E).tolist() for k in KINDS}
-    tau = np.eye(E)
-    for a in range(E):
-        for b in range(a):
-            cost = (unit[a] @ unit[b].t()).double().cpu().numpy()  # (F, F) neuron cosines
-            _, perm = linear_sum_assignment(cost, maximize=True)
-            for k in KINDS:
-                va = m[k][a] if k != "down" else m[k][a].t()
-                vb = (m[k][b] if k != "down" else m[k][b].t())[torch.as_tensor(perm)]
-                cos = float(torch.nn.functional.cosine_similarity(va.reshape(1, -1), vb.reshape(1, -1)))
-                out[k][a][b] = out[k][b][a] = cos
-            tau[a, b] = tau[b, a] = float(kendalltau(np.arange(len(perm)), perm).statistic)
-    return {**out, "kendall_tau": tau.tolist()}
+    out, tau = {}, {}
+    for k in KINDS:
+        n_EFX = neurons[k]
+        unit_EFX = n_EFX / n_EFX.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim, t = np.eye(E), np.eye(E)
+        for a in range(E):
+            for b in range(a):
+                cost_FF = (unit_EFX[a] @ unit_EFX[b].t()).double().cpu().numpy()  # neuron cosines
+                _, perm = linear_sum_assignment(cost_FF, maximize=True)
+                vb = n_EFX[b][torch.as_tensor(perm)]
+                sim[a, b] = sim[b, a] = float(torch.nn.functional.cosine_similarity(
+                    n_EFX[a].reshape(1, -1), vb.reshape(1, -1)))
+                t[a, b] = t[b, a] = float(kendalltau(np.arange(len(perm)), perm).statistic)
+        out[k], tau[k] = sim.tolist(), t.tolist()
+    return {**out, "kendall_tau": tau}
