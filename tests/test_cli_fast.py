@@ -1,5 +1,6 @@
 """`moelab --help` and `moelab <command> --help` do not import torch (heavy imports live in commands)."""
 
+import json
 import subprocess
 import sys
 
@@ -17,3 +18,17 @@ def test_help_does_not_import_torch(argv):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False", f"{argv} imported torch"
+
+
+def test_optional_positionals_may_follow_options(tmp_path, capsys):
+    """`moelab experiment routerless --quick --out X RUN` named RUN an unrecognised argument (issue 22)."""
+    from moelab.cli import main
+
+    missing = tmp_path / "no-such-run"
+    assert main(["experiment", "routerless", "--quick", "--out", str(tmp_path / "o"), str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized" not in err and str(missing) in err
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"document {i}: " + "word " * 40 for i in range(6)))
+    assert main(["data", "info", "--json", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == str(text)

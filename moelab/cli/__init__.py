@@ -33,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _late_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """argparse gives an optional positional (nargs="?") nothing when options stand between it and the
+    positional before it (`moelab experiment routerless --quick --out X RUN` leaves RUN unrecognised):
+    put such values where they belong, so positionals may come before or after options. Returns the
+    extras left."""
+    while subs := [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]:
+        parser = subs[0].choices[getattr(args, subs[0].dest)]
+    late = [a for a in parser._actions
+            if not a.option_strings and a.nargs == "?" and getattr(args, a.dest) == a.default]
+    left = []
+    for token in extra:
+        if late and not token.startswith("-"):
+            setattr(args, late.pop(0).dest, token)
+        else:
+            left.append(token)
+    return left
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -44,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if i < len(argv) and argv[i] not in EVALS and not argv[i].startswith("-"):
             argv.insert(i, "lm")
     args, extra = parser.parse_known_args(argv)
+    extra = _late_positionals(parser, args, extra)
     args.argv = argv
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
