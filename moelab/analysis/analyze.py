@@ -66,14 +66,17 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
             layers: list[int] | None = None, seq_len: int | None = None, batch_size: int = 16,
             expert_outputs: bool = True, neuron_matching: bool = False, view_layer: int | None = None,
             over_training: bool = True, progress: bool = True, seed: int = 0,
-            output_similarity: str = "angular") -> dict:
+            output_similarity: str = "angular", min_count: int = stats.MIN_COUNT) -> dict:
     """Analyse ``source`` (a moelab run / checkpoint / model directory or an HF directory) and write
     ``analysis.json``, ``report.html`` and ``figures/`` into ``out``; returns the analysis.
     ``output_similarity``: how expert outputs are compared, "angular" (1 - arccos(cos)/pi, as the
-    authors of "A Closer Look into MoE" average) or "cosine"."""
+    authors of "A Closer Look into MoE" average) or "cosine". ``min_count``: occurrences a token id
+    or position needs to count in token specialisation and routing spread (OpenMoE: 128)."""
     from moelab.analysis.report import write_analysis_report
     from moelab.loading import load, load_tokenizer
 
+    if min_count < 1:
+        raise ConfigError("--min-count", min_count, "must be at least 1 occurrence")
     if output_similarity not in similarity.OUTPUT_SIMILARITIES:
         raise ConfigError("--output-similarity", output_similarity,
                           f"choose one of {', '.join(similarity.OUTPUT_SIMILARITIES)}")
@@ -104,7 +107,7 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
               "documents": int(len(np.unique(cols["doc"]))), "seq_len": seq_len, "domains": domains,
               "tokens_per_domain": {d: int((domain_N == i).sum()) for d, i in dom_index.items()},
               "layers": chosen, "num_experts": {}, "top_k": {}, "expert_load": {}, "consecutive": {},
-              "token_specialization": {}, "token_specialization_min8": {}, "routing_spread": {},
+              "token_specialization": {}, "routing_spread": {},
               "top_tokens": {}, "drop_by_position": {}, "weight_similarity": {}, "output_similarity": {},
               "output_similarity_measure": output_similarity,
               "weight_vs_output": {}, "router_vs_experts": {}, "router_top1_is_max_norm": {}, "router_vs_norm": {},
@@ -118,10 +121,9 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
         result["num_experts"][key], result["top_k"][key] = E, K
         result["expert_load"][key] = stats.expert_load(experts, domain_N, domains, E)
         result["consecutive"][key] = stats.consecutive(experts, cols["doc"], cols["pos"], domain_N, domains, E, K)
-        result["token_specialization"][key] = stats.token_specialization(top1, cols["token"])
-        result["token_specialization_min8"][key] = stats.token_specialization(top1, cols["token"], min_count=8)
-        result["routing_spread"][key] = stats.routing_spread(top1, cols["token"], cols["pos"], E,
-                                                             min_count=min(128, max(8, total // 1000)), seed=seed)
+        result["token_specialization"][key] = stats.specialization_with_chance(top1, cols["token"], min_count,
+                                                                               seed=seed)
+        result["routing_spread"][key] = stats.routing_spread(top1, cols["token"], cols["pos"], E, min_count, seed=seed)
         result["top_tokens"][key] = [[tokenizer.decode([t]) for t in ids]
                                      for ids in stats.top_tokens_per_expert(top1, cols["token"], E)]
         if layer.capacity(seq_len * batch_size) is not None:

@@ -56,14 +56,19 @@ def _fig_consecutive(r: dict, fig_dir: Path) -> Path:
 def _fig_specialization(r: dict, fig_dir: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     L = r["layers"]
-    axes[0].bar([str(i) for i in L], [r["token_specialization"][str(i)] or 0 for i in L])
-    axes[0].set_ylim(0, 1), axes[0].set_xlabel("layer"), axes[0].set_ylabel("token specialisation")
-    s = [r["routing_spread"][str(i)] for i in L]
     x = np.arange(len(L))
-    for k, (key, label) in enumerate((("by_token", "grouped by token id"), ("by_position", "grouped by position"),
-                                      ("random_by_token", "random, token groups"))):
-        axes[1].bar(x + 0.27 * k, [v[key] for v in s], width=0.27, label=label)
-    axes[1].set_xticks(x + 0.27, [str(i) for i in L]), axes[1].set_xlabel("layer")
+    ts = [r["token_specialization"][str(i)] for i in L]
+    axes[0].bar(x, [t["value"] or 0 for t in ts], width=0.4, label="measured")
+    axes[0].bar(x + 0.4, [t["chance"] or 0 for t in ts], width=0.4, color="0.6", label="chance (permuted)")
+    axes[0].set_xticks(x + 0.2, [str(i) for i in L]), axes[0].set_ylim(0, 1)
+    axes[0].set_xlabel("layer"), axes[0].set_ylabel("token specialisation"), axes[0].legend(fontsize=7)
+    s = [r["routing_spread"][str(i)] for i in L]
+    for k, (key, label, color) in enumerate((("by_token", "by token id", "tab:blue"),
+                                             ("random_by_token", "chance, token groups", "lightsteelblue"),
+                                             ("by_position", "by position", "tab:orange"),
+                                             ("random_by_position", "chance, position groups", "navajowhite"))):
+        axes[1].bar(x + 0.2 * k, [v[key] for v in s], width=0.2, label=label, color=color)
+    axes[1].set_xticks(x + 0.3, [str(i) for i in L]), axes[1].set_xlabel("layer")
     axes[1].set_ylabel("std of routing distribution"), axes[1].legend(fontsize=7)
     return save_figure(fig, fig_dir / "specialization.png")
 
@@ -176,13 +181,23 @@ def write_analysis_report(out: Path, r: dict) -> Path:
     section("3. Token view (Mixtral Fig. 8)", "Runs of one colour are tokens routed to the same expert.",
             None, _token_view_html(r["token_view"]))
     top = r["top_tokens"][str(L[len(L) // 2])]
+    min_count = r["routing_spread"][str(L[0])]["min_count"]
     section("4. Context-independent specialisation (OpenMoE)",
             "Token specialisation is the fraction of tokens whose top-1 expert is the one their token id most often "
             "gets (1.0: routing is a function of the id). Right: the spread (std over experts) of the routing "
             "distribution of token-id groups vs position groups; OpenMoE finds token-id groups far more "
-            "concentrated. The table lists each expert's most frequent tokens at the middle layer.",
+            f"concentrated. Only ids and positions seen at least {min_count} times count. Each statistic stands "
+            "beside its chance level: the same statistic with the top-1 choices permuted over the same tokens "
+            "(same expert load, same groups), so uneven load or rare ids alone do not read as specialisation. "
+            "The table lists each expert's most frequent tokens at the middle layer.",
             _fig_specialization(r, figs),
-            _table(["expert", "most frequent tokens (top-1)"], [[e, " ".join(repr(t) for t in toks)]
+            _table(["layer", "token specialisation", "chance", "ids counted", "spread by token id", "chance",
+                    "spread by position", "chance"],
+                   [[i, r["token_specialization"][str(i)]["value"], r["token_specialization"][str(i)]["chance"],
+                     r["token_specialization"][str(i)]["ids"], r["routing_spread"][str(i)]["by_token"],
+                     r["routing_spread"][str(i)]["random_by_token"], r["routing_spread"][str(i)]["by_position"],
+                     r["routing_spread"][str(i)]["random_by_position"]] for i in L])
+            + _table(["expert", "most frequent tokens (top-1)"], [[e, " ".join(repr(t) for t in toks)]
                                                                  for e, toks in enumerate(top)]))
     drops = _fig_drops(r, figs)
     section("5. Drops by position (OpenMoE)",

@@ -13,7 +13,12 @@ document), ``token`` (id), ``domain`` (index). Tokens are in document order.
 - :func:`token_specialization`: OpenMoE's context-independent specialisation: the fraction of tokens
   whose top-1 expert is the top-1 most often chosen for their token id.
 - :func:`routing_spread`: OpenMoE App. E: the std over experts of the routing distribution, grouped by
-  token id vs by position, beside the std the same group sizes give under uniform random routing.
+  token id vs by position.
+- Chance levels (:func:`specialization_with_chance`, :func:`routing_spread`): the same statistic
+  with the top-1 choices permuted over the same tokens, which keeps every expert's load and every
+  group's size and breaks only the link to the grouping. A uniform-routing baseline would not do: a
+  router that ignores token and position but loads its experts unevenly spreads position groups as
+  much as its load is uneven, and rare ids reach specialisation 1 by having one occurrence.
 - :func:`router_vs_norm`: "A Closer Look" dynamic analysis: whether the top-1 routed expert is the
   expert with the largest output norm, and the (norm rank, score rank) count matrix.
 
@@ -104,24 +109,47 @@ def _group_std(top1_N: np.ndarray, group_N: np.ndarray, num_experts: int, min_co
     return float(dist.std(axis=1).mean()), counts[keep].tolist()
 
 
+PERMUTATIONS = 20  # permutations averaged for a chance level (its spread is reported beside it)
+MIN_COUNT = 128  # OpenMoE's minimum occurrences of a token id (or position) for its group to count
+
+
+def _permuted(stat, top1_N: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """Mean and std of ``stat(permuted top1)`` over ``n`` random permutations of the choices."""
+    rng = np.random.default_rng(seed)
+    vals = [stat(rng.permutation(top1_N)) for _ in range(n)]
+    vals = [v for v in vals if v is not None and v == v]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else (float("nan"), float("nan"))
+
+
+def specialization_with_chance(top1_N: np.ndarray, token_N: np.ndarray, min_count: int = MIN_COUNT,
+                               permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """:func:`token_specialization` over the ids seen >= ``min_count`` times, beside its chance level:
+    the same over the same tokens with the top-1 choices permuted (same expert load, same ids)."""
+    ok = top1_N >= 0
+    top, tok = top1_N[ok].astype(np.int64), token_N[ok].astype(np.int64)
+    ids, counts = np.unique(tok, return_counts=True)
+    frequent = counts >= min_count
+    value = token_specialization(top, tok, min_count)
+    chance, spread = _permuted(lambda t: token_specialization(t, tok, min_count), top, permutations, seed)
+    return {"value": value, "chance": chance if value is not None else None,
+            "chance_std": spread if value is not None else None, "min_count": min_count,
+            "ids": int(frequent.sum()), "tokens": int(counts[frequent].sum()), "permutations": permutations}
+
+
 def routing_spread(top1_N: np.ndarray, token_N: np.ndarray, pos_N: np.ndarray, num_experts: int,
-                   min_count: int = 128, seed: int = 0) -> dict:
+                   min_count: int = MIN_COUNT, seed: int = 0, permutations: int = PERMUTATIONS) -> dict:
     """OpenMoE App. E: mean over groups (token ids, resp. positions, seen >= ``min_count`` times)
-    of the std over experts of the group's top-1 distribution; ``random_*``: the same with top-1
-    drawn uniformly at random for the same group sizes (the std finite samples give by chance)."""
+    of the std over experts of the group's top-1 distribution; ``random_*``: its chance level, the
+    same with the top-1 choices permuted over the same tokens (same load, same group sizes)."""
     ok = top1_N >= 0
     top, tok, pos = top1_N[ok].astype(np.int64), token_N[ok], pos_N[ok]
-    rng = np.random.default_rng(seed)
-    out = {"min_count": min_count}
+    out = {"min_count": min_count, "permutations": permutations}
     for name, group in (("token", tok), ("position", pos)):
         std, sizes = _group_std(top, group, num_experts, min_count)
         out[f"by_{name}"] = std
         out[f"{name}_groups"] = len(sizes)
-        if sizes:
-            sims = [rng.multinomial(n, [1 / num_experts] * num_experts) / n for n in sizes]
-            out[f"random_by_{name}"] = float(np.mean([s.std() for s in sims]))
-        else:
-            out[f"random_by_{name}"] = float("nan")
+        mean, spread = _permuted(lambda t: _group_std(t, group, num_experts, min_count)[0], top, permutations, seed)
+        out[f"random_by_{name}"], out[f"random_by_{name}_std"] = mean, spread
     return out
 
 

@@ -37,6 +37,9 @@ def register(sub, formatter) -> None:
     p.add_argument("--output-similarity", default="angular", choices=("angular", "cosine"),
                    help="expert output similarity: 1 - arccos(cos)/pi as A Closer Look's heat maps (orthogonal = "
                         "0.5), or the cosine (orthogonal = 0)")
+    p.add_argument("--min-count", type=int, default=128,
+                   help="occurrences a token id or position needs to count in token specialisation and routing "
+                        "spread (OpenMoE's 128)")
     p.add_argument("--neuron-matching", action="store_true", help="also the Hungarian neuron-matched similarity")
     p.add_argument("--view-layer", type=int, help="layer of the token view (default: the middle MoE layer)")
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +54,8 @@ def cmd_analyze(args) -> int:
     result = analyze(args.source, args.out, data=args.data, max_tokens=args.max_tokens, layers=_layers(args.layers),
                      seq_len=args.seq_len, batch_size=args.batch_size, expert_outputs=not args.no_expert_outputs,
                      neuron_matching=args.neuron_matching, view_layer=args.view_layer,
-                     progress=not args.no_progress, seed=args.seed, output_similarity=args.output_similarity)
+                     progress=not args.no_progress, seed=args.seed, output_similarity=args.output_similarity,
+                     min_count=args.min_count)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
