@@ -23,12 +23,21 @@ def _routing(token, expert, weight, T, E):
     return Routing(torch.tensor(token), torch.tensor(expert), torch.tensor(weight), logits, logits.softmax(-1), E)
 
 
-def test_position_priority_keeps_earlier_positions_of_every_sequence():
-    # 2 sequences x 3 positions, top-1, all to expert 0, capacity 2: position 0 of both sequences
+def test_position_priority_is_the_flattened_order_sequence_by_sequence():
+    # 2 sequences x 3 positions, top-1, all to expert 0, capacity 2. OpenMoE's Top2Router and flaxformer
+    # count slots in the flattened (sequence-major) token order: the first sequence's first two tokens.
     r = _routing([0, 1, 2, 3, 4, 5], [0] * 6, [0.1, 0.9, 0.8, 0.7, 0.6, 0.5], T=6, E=2)
     keep = capacity_keep_mask(r, 2, "position", seq_len=3)
-    assert keep.tolist() == [True, False, False, True, False, False]
+    assert keep.tolist() == [True, True, False, False, False, False]
     assert capacity_keep_mask(r, 6, "position", seq_len=3).all()
+
+
+def test_position_global_priority_keeps_earlier_positions_of_every_sequence():
+    # the same routing: position 0 of both sequences
+    r = _routing([0, 1, 2, 3, 4, 5], [0] * 6, [0.1, 0.9, 0.8, 0.7, 0.6, 0.5], T=6, E=2)
+    keep = capacity_keep_mask(r, 2, "position_global", seq_len=3)
+    assert keep.tolist() == [True, False, False, True, False, False]
+    assert capacity_keep_mask(r, 6, "position_global", seq_len=3).all()
 
 
 def test_score_priority_is_batch_prioritised_routing():
@@ -92,7 +101,7 @@ def test_dropped_token_block_output_is_the_residual():
 
 
 def test_dropped_fraction_by_position_shows_late_tokens_dropped():
-    layer = _layer(capacity_factor=0.5, drop_priority="position").train()
+    layer = _layer(capacity_factor=0.5, drop_priority="position_global").train()
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0] = 1.0
@@ -103,6 +112,10 @@ def test_dropped_fraction_by_position_shows_late_tokens_dropped():
     by_pos = layer.last_metrics["dropped_frac_by_position"]
     assert by_pos.tolist() == [0.0, 0.0] + [1.0] * 6
     assert layer.last_metrics["dropped_frac"] == pytest.approx(0.75)
+    # the default, the flattened order: positions 0-3 of the first sequence kept, the second dropped
+    layer.router_cfg.drop_priority = "position"
+    layer(x)
+    assert layer.last_metrics["dropped_frac_by_position"].tolist() == [0.5] * 4 + [1.0] * 4
 
 
 @pytest.mark.parametrize("kind", ["topk", "top_p", "deepseek_v3"])
@@ -160,7 +173,7 @@ def test_choice_rank_is_routing_order_not_gate_order():
     # DeepSeek-V3 ranks by s + b; a 1st choice may carry the smaller gate. Token 0: 1st choice e0
     # (gate 0.2), 2nd e1 (gate 0.8); token 1: 1st choice e1. C = 1 on e1: token 1's 1st choice wins.
     r = _routing([0, 0, 1, 1], [0, 1, 1, 2], [0.2, 0.8, 0.9, 0.1], T=2, E=3)
-    for priority in ("position", "score"):
+    for priority in ("position", "position_global", "score"):
         keep = capacity_keep_mask(r, 1, priority, seq_len=2)
         assert keep.tolist() == [True, False, True, True], priority
 
@@ -173,7 +186,7 @@ def _skewed_random_routing(seed: int) -> Routing:
     return Routing.from_topk(idx, w, logits, logits.softmax(-1))
 
 
-@pytest.mark.parametrize("priority", ["position", "score"])
+@pytest.mark.parametrize("priority", ["position", "position_global", "score"])
 def test_first_choices_drop_only_when_first_choices_alone_overflow(priority):
     # Capacity factor 1.0: C = 64. Under choice-rank priority expert e drops exactly
     # max(0, first choices to e - C) first choices. Ordering by position alone (the old rule)

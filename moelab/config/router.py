@@ -10,7 +10,7 @@ from moelab.errors import ConfigError
 
 # Router families moelab knows; moelab.moe.routers.ROUTERS must hold exactly these names.
 ROUTER_TYPES = ("topk", "sparsemixer", "switch", "noisy_topk", "expert_choice", "top_p", "deepseek_v2", "deepseek_v3")
-DROP_PRIORITIES = ("position", "score")
+DROP_PRIORITIES = ("position", "position_global", "score")
 BALANCE_SCOPES = ("batch", "sequence")
 EXPERT_CHOICE_EVAL = ("topk", "batch")
 # How group-limited routing scores a group (DeepSeek device/node-limited routing): its best
@@ -106,9 +106,11 @@ class RouterConfig:
     # choice). Expert choice always uses it (None means 1.0). ST-MoE: 1.25 train / 2.0 eval.
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None  # in eval mode; None = dropless
-    # Which assignments an over-full expert keeps. Both give every token's 1st choice priority over
-    # any 2nd choice (GShard Alg. 1); within a choice rank "position" keeps earlier sequence
-    # positions first (Switch), "score" higher top gates first (batch-prioritised routing, Riquelme
+    # Which assignments an over-full expert keeps. All give every token's 1st choice priority over
+    # any 2nd choice (GShard Alg. 1); within a choice rank "position" keeps tokens in the flattened
+    # batch order, sequence by sequence (OpenMoE's Top2Router, flaxformer), "position_global" position
+    # 0 of every sequence, then position 1 of every sequence ... (so drops rise toward the end of every
+    # sequence by construction), "score" higher top gates first (batch-prioritised routing, Riquelme
     # et al. 2021).
     drop_priority: str = "position"
     # Expert choice in eval mode: "topk" = causal token-choice top-k fallback (k = top_k, gates =

@@ -56,11 +56,17 @@ def choice_rank(routing: Routing) -> torch.Tensor:
 
 def capacity_keep_mask(routing: Routing, capacity: int, priority: str, seq_len: int | TokenLayout) -> torch.Tensor:
     """(A,) bool: which assignments fit in their expert's ``capacity``. Tokens are ordered
-    sequence-major (token t is position t % seq_len of sequence t // seq_len, or as a TokenLayout says)."""
+    sequence-major (token t is position t % seq_len of sequence t // seq_len, or as a TokenLayout says).
+    Every priority keeps a choice rank whole before the next (all 1st choices, then all 2nd ...); within
+    a rank "position" keeps tokens in that flattened order, "position_global" earlier positions of
+    all sequences first, "score" higher top gates first."""
     token_A, expert_A = routing.token_idx_A, routing.expert_idx_A
     A = token_A.numel()
     perm = torch.arange(A, device=token_A.device)
-    if priority == "position":
+    if priority == "position":  # flattened order, sequence by sequence (OpenMoE's Top2Router, flaxformer)
+        perm = _stable_sort_by(perm, token_A)
+        perm = _stable_sort_by(perm, choice_rank(routing))
+    elif priority == "position_global":  # position 0 of every sequence, then position 1 of every sequence ...
         layout = TokenLayout.of(seq_len, routing.num_tokens, token_A.device)
         perm = _stable_sort_by(perm, layout.pos_T[token_A] * max(layout.num_seqs, 1) + layout.seq_T[token_A])
         perm = _stable_sort_by(perm, choice_rank(routing))
