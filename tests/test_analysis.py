@@ -351,3 +351,25 @@ def test_chance_levels_keep_the_load():
     follow = token % E8
     ts2 = stats.specialization_with_chance(follow, token, min_count=128, seed=0)
     assert ts2["value"] == 1.0 and ts2["chance"] < 0.6
+
+
+def test_routing_over_training_per_token_id_and_chance():
+    """Issue 22.6: OpenMoE compares per-token-id routing distributions. A checkpoint whose every id has the
+    final distribution but in another token order agrees per id (1.0) though not token by token, and each
+    measure stands beside its permutation chance level."""
+    from moelab.analysis.training import agreement_with_final
+
+    rng = np.random.default_rng(0)
+    token = np.repeat(np.arange(8), 100)
+    final = np.where(rng.random(800) < 0.5, token % E, (token + 1) % E)
+    shuffled = final.copy()
+    for i in range(8):  # same per-id distribution, tokens reordered within the id
+        where = np.nonzero(token == i)[0]
+        shuffled[where] = rng.permutation(final[where])
+    r = agreement_with_final([shuffled, final], token, E, min_count=8, seed=0)
+    assert r["id_agreement"] == [pytest.approx(1.0), pytest.approx(1.0)] and r["ids"] == 8
+    assert 0.35 < r["agreement"][0] < 0.65 and r["agreement"][1] == 1.0
+    # chance: the choices permuted over all tokens keep the load but lose the ids
+    load = np.bincount(final, minlength=E) / 800
+    assert r["agreement_chance"][1] == pytest.approx((load ** 2).sum(), abs=0.03)
+    assert r["id_agreement_chance"][0] < 0.7

@@ -145,7 +145,7 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
         raise ConfigError("--view-layer", view, f"must be one of the analysed MoE layers {chosen}")
     result["token_view"] = _token_view(rec.traces[view].arrays()["experts"][:, 0], cols, docs, tokenizer, view)
     if over_training:
-        result["routing_over_training"] = routing_over_training(source, windows, batch_size, chosen)
+        result["routing_over_training"] = routing_over_training(source, windows, batch_size, chosen, seed=seed)
     result["seconds"] = time.perf_counter() - t0
     write_atomic(out / "analysis.json", json.dumps(result, indent=1) + "\n")
     result["report"] = str(write_analysis_report(out, result))

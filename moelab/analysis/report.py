@@ -125,11 +125,17 @@ def _fig_training(r: dict, fig_dir: Path) -> Path | None:
     t = r.get("routing_over_training")
     if not t:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for layer, v in t["agreement"].items():
-        ax.plot(t["steps"], v, "o-", label=f"layer {layer}")
-    ax.set_xlabel("checkpoint step"), ax.set_ylabel("top-1 agreement with final"), ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, key, label in ((axes[0], "agreement", "top-1 agreement with final (per token)"),
+                           (axes[1], "id_agreement", "overlap with final (per token id)")):
+        for k, (layer, v) in enumerate(t[key].items()):
+            color = COLORS[k % 20]
+            ax.plot(t["steps"], [np.nan if x is None else x for x in v], "o-", color=color, label=f"layer {layer}")
+            ax.plot(t["steps"], [np.nan if x is None else x for x in t[f"{key}_chance"][layer]], "--", color=color,
+                    alpha=0.6)
+        ax.set_xlabel("checkpoint step"), ax.set_ylabel(label, fontsize=8), ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    axes[1].set_title("dashed: chance (choices permuted over the same tokens)", fontsize=8)
     return save_figure(fig, fig_dir / "routing_over_training.png")
 
 
@@ -220,8 +226,12 @@ def write_analysis_report(out: Path, r: dict) -> Path:
             "router ranks experts as their output norms do.", _fig_norm(r, figs))
     tr = _fig_training(r, figs)
     section("8. Routing over training (OpenMoE)",
-            "Agreement of every checkpoint's top-1 routing with the final checkpoint's on the same tokens; an early "
-            "plateau near 1 means routing is fixed early." if tr else
+            "Left: agreement of every checkpoint's top-1 routing with the final checkpoint's on the same tokens. "
+            "Right: OpenMoE's view per token id, the overlap (1 - total variation) of each id's top-1 distribution "
+            "with the final one's, over ids seen at least " + str((r.get("routing_over_training") or {}).get(
+                "id_min_count")) + " times. Dashed lines: chance, the same with the checkpoint's choices permuted "
+            "over the tokens (same load). An early plateau near 1, far above chance, means routing is fixed "
+            "early." if tr else
             "Needs a run directory with two or more checkpoints.", tr)
     notes = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in r["notes"])
     head = (f"<h1>moelab analyze: {html.escape(r['source'])}</h1>{notes}<p>{r['tokens']:,} tokens, "
