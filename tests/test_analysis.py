@@ -373,3 +373,22 @@ def test_routing_over_training_per_token_id_and_chance():
     load = np.bincount(final, minlength=E) / 800
     assert r["agreement_chance"][1] == pytest.approx((load ** 2).sum(), abs=0.03)
     assert r["id_agreement_chance"][0] < 0.7
+
+
+def test_consecutive_rates_share_one_denominator():
+    """Issue 22.7: a token with no expert (expert choice) joins no pair of either rate."""
+    experts = np.array([[0, 1], [0, 2], [-1, -1], [3, 1], [3, 0]])
+    doc, pos = np.zeros(5, dtype=np.int64), np.arange(5)
+    c = stats.consecutive(experts, doc, pos, doc, ["all"], 4, 2)
+    # pairs (0,1) and (3,4) have experts on both sides: first 2/2, either 2/2
+    assert c["pairs"] == 2 and c["first"] == 1.0 and c["either"] == 1.0
+
+
+def test_router_vs_norm_ignores_a_selection_bias():
+    """Issue 22.7: with DeepSeek-V3's bias the selected top-1 (by s + b) can differ from the highest score
+    s; both norm statistics compare the norms with the scores."""
+    norms = np.array([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]])
+    scores = np.array([[0.5, 0.2, 0.3], [0.2, 0.5, 0.3]])
+    biased_top1 = np.array([2, 2])  # the bias moved both tokens to expert 2
+    rv = stats.router_vs_norm(biased_top1, norms, scores)
+    assert rv["top1_is_max_norm"] == 1.0 and rv["diagonal_frac"] == 1.0

@@ -7,7 +7,7 @@ route alone, or those the caller marks with :meth:`RoutingRecorder.set_mask`):
   up to E for expert choice / top-p), int16;
 - ``weights``: their combine weights (fp32), 0 where padded;
 - ``scores``: the full score vector the router selected from (router probabilities, or for AoE
-  the softmax of the expert norms), fp16;
+  the softmax of the expert norms), fp32 (fp16 would tie close scores and shift their ranks);
 - ``dropped``: which of the selected experts a capacity limit dropped (bool);
 - with ``expert_outputs=True``: the L2 norm of every expert's unweighted output (all experts are run
   on every token, as "A Closer Look into MoE" does), fp32, and the per-layer sum over tokens of the
@@ -140,7 +140,7 @@ class RoutingRecorder:
             tr.experts.append(experts[keep_T].to(torch.int16).cpu().numpy())
             tr.weights.append(weights[keep_T].cpu().numpy())
             tr.dropped.append(dropped[keep_T].cpu().numpy())
-            tr.scores.append(routing.probs_TE.detach()[keep_T].to(torch.float16).cpu().numpy())
+            tr.scores.append(routing.probs_TE.detach()[keep_T].float().cpu().numpy())
             if self.expert_outputs:
                 norms = []
                 for s in range(0, x_TD.shape[0], self.token_chunk):

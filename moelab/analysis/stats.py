@@ -59,14 +59,15 @@ def random_baselines(num_experts: int, top_k: int) -> tuple[float, float]:
 
 
 def _rates(experts_NW: np.ndarray, pairs: np.ndarray) -> dict:
+    """Both rates over the same pairs: those where both tokens have an expert (a token with none,
+    under expert choice or a capacity, can share nothing; counting it would lower one rate only)."""
     a, b = experts_NW[pairs], experts_NW[pairs + 1]
-    valid_first = (a[:, 0] >= 0) & (b[:, 0] >= 0)
-    first = (a[:, 0] == b[:, 0]) & valid_first
+    valid = (a[:, 0] >= 0) & (b[:, 0] >= 0)
+    first = (a[:, 0] == b[:, 0]) & valid
     # either: some expert of t (not padding) appears among t+1's choices
     share = ((a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)).any(axis=(1, 2))
-    n = len(pairs)
-    return {"first": float(first.sum() / max(valid_first.sum(), 1)), "either": float(share.sum() / max(n, 1)),
-            "pairs": int(n)}
+    n = int(valid.sum())
+    return {"first": float(first.sum() / max(n, 1)), "either": float(share.sum() / max(n, 1)), "pairs": n}
 
 
 def consecutive(experts_NW: np.ndarray, doc_N: np.ndarray, pos_N: np.ndarray, domain_N: np.ndarray,
@@ -187,8 +188,11 @@ def rank_matrix(norms_NE: np.ndarray, scores_NE: np.ndarray) -> np.ndarray:
 
 
 def router_vs_norm(top1_N: np.ndarray, norms_NE: np.ndarray, scores_NE: np.ndarray) -> dict:
+    """Both statistics compare the output norms with the router's scores (``scores_NE``, the affinities
+    its gates come from): the top-1 is the highest score, so a selection bias (DeepSeek-V3's aux-free
+    bias, a balancing device) enters neither. ``top1_N`` marks the tokens with an expert."""
     ok = top1_N >= 0
-    frac = float((norms_NE[ok].argmax(axis=1) == top1_N[ok]).mean()) if ok.any() else None
+    frac = float((norms_NE[ok].argmax(axis=1) == scores_NE[ok].argmax(axis=1)).mean()) if ok.any() else None
     m = rank_matrix(norms_NE, scores_NE.astype(np.float32))
     return {"top1_is_max_norm": frac, "random": 1.0 / norms_NE.shape[1], "rank_matrix": m.tolist(),
             "diagonal_frac": float(np.trace(m) / max(m.sum(), 1))}
