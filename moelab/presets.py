@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from moelab.config import (AoEConfig, AttentionConfig, MLAConfig, ModelConfig, MoEConfig, MTPConfig,
                            RouterConfig, YaRNConfig)
+from moelab.config import load_balance_coef_from_hf as _hf_aux  # HF config.json's router_aux_loss_coef
 from moelab.errors import ConfigError
 
 
@@ -27,11 +28,11 @@ def tiny() -> ModelConfig:
 
 def mixtral_8x7b() -> ModelConfig:
     """Mixtral 8x7B (Jiang et al. 2024, Table 1; HF mistralai/Mixtral-8x7B-v0.1 config.json):
-    no sliding window, RoPE theta 1e6, untied, router_aux_loss_coef 0.02."""
+    no sliding window, RoPE theta 1e6, untied, router_aux_loss_coef 0.02 (HF's convention; converted)."""
     return ModelConfig(
         vocab_size=32000, d_model=4096, num_layers=32, max_seq_len=32768, dense_ffn_dim=14336,
         attention=AttentionConfig(num_heads=32, num_kv_heads=8, rope_theta=1e6),
-        moe=MoEConfig(num_experts=8, expert_ffn_dim=14336, router=RouterConfig(top_k=2, load_balance_coef=0.02)),
+        moe=MoEConfig(num_experts=8, expert_ffn_dim=14336, router=RouterConfig(top_k=2, load_balance_coef=_hf_aux(0.02, 2, 32))),
     )
 
 
@@ -40,7 +41,7 @@ def mixtral_8x22b() -> ModelConfig:
     return ModelConfig(
         vocab_size=32000, d_model=6144, num_layers=56, max_seq_len=65536, dense_ffn_dim=16384,
         attention=AttentionConfig(num_heads=48, num_kv_heads=8, rope_theta=1e6),
-        moe=MoEConfig(num_experts=8, expert_ffn_dim=16384, router=RouterConfig(top_k=2, load_balance_coef=0.001)),
+        moe=MoEConfig(num_experts=8, expert_ffn_dim=16384, router=RouterConfig(top_k=2, load_balance_coef=_hf_aux(0.001, 2, 56))),
     )
 
 
@@ -52,7 +53,7 @@ def dbrx() -> ModelConfig:
         norm="layernorm", norm_bias=False,
         attention=AttentionConfig(num_heads=48, num_kv_heads=8, rope_theta=5e5, clip_qkv=8.0),
         moe=MoEConfig(num_experts=16, expert_ffn_dim=10752, router=RouterConfig(
-            top_k=4, softmax_order="softmax_then_topk", norm_topk_prob=True, load_balance_coef=0.05)),
+            top_k=4, softmax_order="softmax_then_topk", norm_topk_prob=True, load_balance_coef=_hf_aux(0.05, 4, 40))),
     )
 
 
@@ -66,7 +67,7 @@ def grok_1() -> ModelConfig:
         embedding_multiplier=78.38367176906169, output_multiplier=0.5773502691896257,
         attention=AttentionConfig(num_heads=48, num_kv_heads=8, logit_softcap=30.0),
         moe=MoEConfig(num_experts=8, expert_ffn_dim=32768, router=RouterConfig(
-            top_k=2, softmax_order="softmax_then_topk", load_balance_coef=0.001)),
+            top_k=2, softmax_order="softmax_then_topk", load_balance_coef=_hf_aux(0.001, 2, 64))),
     )
 
 
@@ -77,7 +78,7 @@ def olmoe_1b_7b() -> ModelConfig:
         vocab_size=50304, d_model=2048, num_layers=16, max_seq_len=4096, dense_ffn_dim=1024,
         attention=AttentionConfig(num_heads=16, qk_norm="full"),
         moe=MoEConfig(num_experts=64, expert_ffn_dim=1024, router=RouterConfig(
-            top_k=8, softmax_order="softmax_then_topk", load_balance_coef=0.01, z_loss_coef=0.001)),
+            top_k=8, softmax_order="softmax_then_topk", load_balance_coef=_hf_aux(0.01, 8, 16), z_loss_coef=0.001)),
     )
 
 
@@ -88,7 +89,7 @@ def qwen3_30b_a3b() -> ModelConfig:
         vocab_size=151936, d_model=2048, num_layers=48, max_seq_len=40960, dense_ffn_dim=6144, norm_eps=1e-6,
         attention=AttentionConfig(num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=1e6, qk_norm="per_head"),
         moe=MoEConfig(num_experts=128, expert_ffn_dim=768, router=RouterConfig(
-            top_k=8, softmax_order="softmax_then_topk", norm_topk_prob=True, load_balance_coef=0.001)),
+            top_k=8, softmax_order="softmax_then_topk", norm_topk_prob=True, load_balance_coef=_hf_aux(0.001, 8, 48))),
     )
 
 
@@ -100,7 +101,7 @@ def qwen1_5_moe_a2_7b() -> ModelConfig:
         attention=AttentionConfig(num_heads=16, rope_theta=1e6, qkv_bias=True),
         moe=MoEConfig(num_experts=60, expert_ffn_dim=1408, num_shared_experts=1, shared_expert_ffn_dim=5632,
                       shared_expert_gate=True, router=RouterConfig(
-                          top_k=4, softmax_order="softmax_then_topk", load_balance_coef=0.001)),
+                          top_k=4, softmax_order="softmax_then_topk", load_balance_coef=_hf_aux(0.001, 4, 24))),
     )
 
 
@@ -115,7 +116,8 @@ def phi_3_5_moe() -> ModelConfig:
         norm="layernorm", lm_head_bias=True,
         attention=AttentionConfig(num_heads=32, num_kv_heads=8, rope_theta=10000.0, qkv_bias=True, out_bias=True),
         moe=MoEConfig(num_experts=16, expert_ffn_dim=6400, router=RouterConfig(
-            type="sparsemixer", top_k=2, sparsemixer_eps=0.01, jitter_eps=0.01, load_balance_coef=0.001)),
+            type="sparsemixer", top_k=2, sparsemixer_eps=0.01, jitter_eps=0.01,
+            load_balance_coef=_hf_aux(0.001, 2, 32))),
     )
 
 

@@ -2,12 +2,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from moelab.cli import main
 from moelab.config import ModelConfig
 from moelab.model import build_model
 from moelab.params import count_params
-from moelab.presets import PRESETS, PUBLISHED, Published
+from moelab.presets import PRESETS, PUBLISHED, Published, get_preset
 
 # Where the authors' rounding hides a different counting convention, the measured gap is recorded here
 # (and asserted), instead of widening the tolerance for every model.
@@ -139,3 +140,28 @@ def test_params_cli_bad_source(capsys):
     assert main(["params", "mixtral-9x9b"]) == 2
     err = capsys.readouterr().err
     assert "mixtral-9x9b" in err and "mixtral-8x7b" in err and "Traceback" not in err
+
+
+# presets whose load_balance_coef comes from an HF config.json's router_aux_loss_coef (HF's convention)
+HF_AUX = {"mixtral-8x7b": 0.02, "mixtral-8x22b": 0.001, "dbrx": 0.05, "grok-1": 0.001, "olmoe-1b-7b": 0.01,
+          "qwen3-30b-a3b": 0.001, "qwen1.5-moe-a2.7b": 0.001, "phi-3.5-moe": 0.001}
+
+
+@pytest.mark.parametrize("name", sorted(HF_AUX))
+def test_preset_balance_coefficient_gives_the_hf_loss(name):
+    """Issue 22.11: moelab's summed per-layer loss with the preset's coefficient equals transformers'
+    load_balancing_loss_func x router_aux_loss_coef on the same routing in every layer (mixtral-8x7b used
+    0.02 in moelab's convention: 16x the HF loss)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from moelab.moe.balancing import switch_load_balance_loss
+
+    cfg = get_preset(name)
+    E, K = cfg.moe.num_experts, cfg.moe.router.top_k
+    L = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    logits = torch.randn(64, E, generator=torch.Generator().manual_seed(0)) * 2
+    probs = logits.softmax(-1)
+    idx = probs.topk(K, dim=-1).indices.reshape(-1)
+    moelab_loss = L * cfg.moe.router.loss_coefs()["load_balance"] * switch_load_balance_loss(probs, idx)
+    hf_loss = HF_AUX[name] * load_balancing_loss_func(tuple([logits] * L), E, K)
+    assert float(moelab_loss) == pytest.approx(float(hf_loss), rel=1e-5)

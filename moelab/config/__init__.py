@@ -27,6 +27,7 @@ from moelab.config.router import (
     ROUTER_TYPES,
     SOFTMAX_ORDERS,
     RouterConfig,
+    load_balance_coef_from_hf,
 )
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "EXPERT_CHOICE_EVAL", "GROUP_SCORES", "LOSS_FIELDS", "MAX_SIZE", "NORM_TYPES", "QK_NORM_TYPES", "ROPE_TYPES",
     "ROUTER_LOSS_DEFAULTS", "ROUTER_TYPES", "SOFTMAX_ORDERS",
     "AoEConfig", "AttentionConfig", "MLAConfig", "ModelConfig", "MoEConfig", "MTPConfig", "RouterConfig", "YaRNConfig",
-    "aoe_d_wide", "from_dict", "load_config", "save_config",
+    "aoe_d_wide", "from_dict", "load_balance_coef_from_hf", "load_config", "save_config",
 ]

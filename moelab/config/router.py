@@ -243,3 +243,12 @@ class RouterConfig:
         if scoped:
             parts.append(f"({', '.join(sorted(scoped))} per {self.effective_balance_scope})")
         return ", ".join(parts) or "none"
+
+
+def load_balance_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int) -> float:
+    """A ``router_aux_loss_coef`` of an HF config.json in moelab's convention. HF's
+    ``load_balancing_loss_func`` is computed once over all layers' tokens and equals K at balance;
+    moelab's Switch loss is per layer, equals 1 at balance, and is summed over layers. They are
+    equal (and so are their gradients) when every layer routes alike, with
+    coef_moelab = coef_hf * K / L_moe (Mixtral 8x7B: 0.02 * 2 / 32 = 0.00125)."""
+    return hf_coef * top_k / max(num_moe_layers, 1)

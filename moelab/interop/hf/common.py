@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moelab.config import load_balance_coef_from_hf as lb_coef_from_hf  # noqa: F401  (adapters)
 from moelab.config import ModelConfig, YaRNConfig
 from moelab.errors import MoelabError
 from moelab.interop.hf.config_reader import HFConfig
@@ -234,13 +235,6 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
                                 "short_mscale": short_mscale, "long_mscale": long_mscale,
                                 "original_max_position_embeddings": a.rope_original_max_len},
             "rope_theta": a.rope_theta, "original_max_position_embeddings": a.rope_original_max_len}
-
-
-def lb_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int) -> float:
-    """HF's aux loss is computed once over all layers' tokens and equals K at balance; moelab's Switch
-    loss is per layer, equals 1 at balance, and is summed over layers. Same gradient to first order
-    when coef_moelab = coef_hf * K / L_moe. Training-only: it never changes logits."""
-    return hf_coef * top_k / max(num_moe_layers, 1)
 
 
 def lb_coef_to_hf(cfg: ModelConfig) -> float:
