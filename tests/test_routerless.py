@@ -59,14 +59,18 @@ def slow_norm(v: torch.Tensor, norm: str) -> float:
     return {"l1": a.sum(), "l2": a.pow(2).sum().sqrt(), "linf": a.max()}[norm].item()
 
 
-def slow_layer(layer, x_TD: torch.Tensor, node: str, norm: str):
-    """Per token: norms of every expert's node, top-K, softmax-weighted sum of outputs + shared."""
+def slow_layer(layer, x_TD: torch.Tensor, node: str, norm: str, weighting: str = "norms"):
+    """Per token: norms of every expert's node, top-K, weighted sum of outputs + shared; weights: the
+    softmax of the chosen norms, or (weighting "router") the Mixtral router's softmax over the chosen
+    experts' logits."""
     ex, K = layer.experts, layer.router_cfg.top_k
+    assert layer.router_cfg.softmax_order == "topk_then_softmax"
     picks, out = [], torch.zeros_like(x_TD)
     for t in range(x_TD.shape[0]):
         norms = [slow_norm(slow_node(ex, e, x_TD[t], node), norm) for e in range(ex.num_experts)]
         chosen = sorted(range(ex.num_experts), key=lambda e: -norms[e])[:K]
-        w = torch.tensor([norms[e] for e in chosen]).softmax(0)
+        logits = [float(x_TD[t] @ layer.router.weight[e]) for e in chosen]
+        w = torch.tensor([norms[e] for e in chosen] if weighting == "norms" else logits).softmax(0)
         for k, e in enumerate(chosen):
             out[t] += w[k].float() * ex.expert(e, x_TD[t:t + 1])[0]
         picks.append(sorted(chosen))
@@ -74,8 +78,9 @@ def slow_layer(layer, x_TD: torch.Tensor, node: str, norm: str):
     return picks, out + shared
 
 
+@pytest.mark.parametrize("weighting", ["router", "norms"])
 @pytest.mark.parametrize("node", ["output", "act_x_Wg", "x_Wp", "act_x_Wg_x_Wp"])
-def test_selection_and_output_match_slow_loop(node):
+def test_selection_and_output_match_slow_loop(node, weighting):
     model = constructed_model()
     layer = model.moe_layers()[0]
     x_BTD = torch.randn(2, 12, 32)
@@ -83,9 +88,9 @@ def test_selection_and_output_match_slow_loop(node):
     picks_by_norm = {}
     with torch.no_grad(), routerless(model, node=node, norm="l2"):
         for norm in NORMS:
-            with routerless(model, node=node, norm=norm):  # nested: the inner one wins, then restores
+            with routerless(model, node=node, norm=norm, weighting=weighting):  # nested: the inner one wins
                 out_BTD, routing = layer(x_BTD)
-            picks, expected_TD = slow_layer(layer, x_TD, node, norm)
+            picks, expected_TD = slow_layer(layer, x_TD, node, norm, weighting)
             got = [sorted(r) for r in routing.expert_idx_A.view(-1, 2).tolist()]
             assert got == picks
             torch.testing.assert_close(out_BTD.reshape(-1, 32), expected_TD, rtol=1e-5, atol=1e-5)
@@ -120,8 +125,11 @@ def test_routerless_differs_from_router_and_restores_exactly():
 
 def test_non_token_choice_router_uses_its_top_k():
     model = build_model(small_config(router=RouterConfig(type="expert_choice", top_k=3))).eval()
-    with torch.no_grad(), routerless(model, node="act_x_Wg", norm="l2"):
+    with torch.no_grad(), routerless(model, node="act_x_Wg", norm="l2", weighting="norms"):
         model(torch.randint(0, 64, (2, 8)))
+    with pytest.raises(ConfigError, match="no plain gate rule"), torch.no_grad():  # expert choice has no gates to reuse
+        with routerless(model, node="act_x_Wg", norm="l2"):
+            model(torch.randint(0, 64, (2, 8)))
     for layer in model.moe_layers():
         assert layer.last_metrics["experts_per_token_min"] == layer.last_metrics["experts_per_token_max"] == 3
 
@@ -178,7 +186,9 @@ def test_study_end_to_end(tmp_path):
     assert result["nodes"] == list(NODES) and result["norms"] == list(NORMS)
     assert result["seq_len"] == 32 and result["max_batches"] == 2
     rows = result["rows"]
-    assert [(r["node"], r["norm"]) for r in rows] == [(n, p) for n in NODES for p in NORMS]
+    assert result["weightings"] == ["router", "norms"] and result["notes"] == []
+    assert [(r["weighting"], r["node"], r["norm"]) for r in rows] == [(w, n, p) for w in ("router", "norms")
+                                                                      for n in NODES for p in NORMS]
     for r in rows:
         assert math.isfinite(r["val_loss"]) and set(r["val_domains"]) == {"math", "words"}
         assert all(math.isfinite(v) for v in r["val_domains"].values())
@@ -201,8 +211,8 @@ def test_study_end_to_end(tmp_path):
 def test_study_subset_of_nodes_and_norms(tmp_path):
     source, corpus, _ = tiny_saved_model(tmp_path)
     result = run_routerless_study(source, tmp_path / "s", data=str(corpus), nodes=["output"], norms=["l2"],
-                                  batch_size=2, max_batches=1, progress=False)
-    assert [(r["node"], r["norm"]) for r in result["rows"]] == [("output", "l2")]
+                                  batch_size=2, max_batches=1, progress=False, weightings=["norms"])
+    assert [(r["weighting"], r["node"], r["norm"]) for r in result["rows"]] == [("norms", "output", "l2")]
     assert result["rows"][0]["cost_ratio"] == pytest.approx(9216 / 4736)
 
 
@@ -228,3 +238,32 @@ def test_bad_inputs(tmp_path):
         with routerless(model):
             pass
     assert all("forward" not in layer.__dict__ for layer in model.moe_layers())
+
+
+def test_weighting_keeps_the_router_gate_rule_and_its_scale():
+    """Issue 22.8: the default keeps the router's own gates for the chosen experts; the softmax of norms
+    applies routed_scaling_factor only when the router's own gates sum to 1 (DeepSeek-V3), not where the
+    scale compensates gates that sum to less (DeepSeek-V2, un-renormalised)."""
+    from moelab.experiments.routerless import routerless_forward
+
+    x = torch.randn(1, 6, 32)
+    for router, own_sum in ((RouterConfig(type="deepseek_v2", top_k=2, routed_scaling_factor=16.0), None),
+                            (RouterConfig(type="deepseek_v3", top_k=2, routed_scaling_factor=2.5), 2.5)):
+        layer = build_model(small_config(router=router)).eval().moe_layers()[0]
+        with torch.no_grad():
+            _, r_norms = routerless_forward(layer, x, "output", "l2", weighting="norms")
+            _, r_router = routerless_forward(layer, x, "output", "l2", weighting="router")
+            logits = layer.router.logits(x.reshape(6, 32))
+        idx = r_router.expert_idx_A.view(6, 2)
+        if router.type == "deepseek_v2":  # softmax gates, not renormalised, x 16
+            expected = logits.softmax(-1).gather(-1, idx) * 16.0
+            torch.testing.assert_close(r_norms.weight_A.view(6, 2).sum(-1), torch.ones(6))
+        else:  # sigmoid scores renormalised over the chosen, x 2.5
+            s = torch.sigmoid(logits).gather(-1, idx)
+            expected = s / s.sum(-1, keepdim=True) * 2.5
+            torch.testing.assert_close(r_norms.weight_A.view(6, 2).sum(-1), torch.full((6,), own_sum))
+        torch.testing.assert_close(r_router.weight_A.view(6, 2), expected)
+    with pytest.raises(ConfigError, match="weighting"):
+        with routerless(constructed_model(), weighting="softmax"):
+            pass
+

@@ -3,8 +3,9 @@
 AoE asks whether experts "know" what they are good at: the router of a trained MoE is dropped, every
 expert runs on every token up to a chosen node of its computation, the norm of that node's activation
 scores the expert, the top-K experts by norm finish their computation, and their outputs are combined
-with softmax over the K chosen norms. Table 1 of the paper uses the L2 norm, App. A Tables 6 / 7 the
-L1 and L-infinity norms, on Mixtral 8x7B and Phi-3.5-MoE (see ../shared/REFERENCES.md §6).
+with softmax over the K chosen norms (here: ``weighting="norms"``; the default ``"router"`` keeps the
+router's own gates for the chosen experts, so the study measures the selection alone). Table 1 of the
+paper uses the L2 norm, App. A Tables 6 / 7 the L1 and L-infinity norms, on Mixtral 8x7B and Phi-3.5-MoE (see ../shared/REFERENCES.md §6).
 
 Nodes of the SwiGLU expert E_e(x) = (act(x W_g) * x W_p) W_o (moelab: gate_EFD, up_EFD, down_EDF):
 ``x_Wg`` x W_g, ``x_Wp`` x W_p, ``act_x_Wg`` act(x W_g), ``act_x_Wg_x_Wp`` act(x W_g) * x W_p (all
@@ -38,6 +39,10 @@ _ORD = {"l1": 1, "l2": 2, "linf": float("inf")}
 # Number of the three D*F matmuls (gate, up, down) done before each node.
 _DONE_AT = {"x_Wg": 1, "x_Wp": 1, "act_x_Wg": 1, "act_x_Wg_x_Wp": 2, "output": 3}
 _CHUNK_ELEMS = 1 << 24  # cap on a chunk's stored node activations (C * E * X elements)
+# How the chosen experts are weighted: the router's own gates (default: the question is which experts,
+# not their weights) or AoE's softmax over the chosen norms (the paper's rule, reported separately).
+WEIGHTINGS = ("router", "norms")
+GATED_ROUTERS = ("topk", "switch", "deepseek_v2", "deepseek_v3")  # routers whose gate rule router_gates reuses
 
 
 def check_choice(node: str, norm: str) -> None:
@@ -89,13 +94,46 @@ def _finish(ex: StackedExperts, e: int, x_ND: torch.Tensor, h_NX: torch.Tensor, 
     return h_NX @ ex.down_EDF[e].t()
 
 
-def _select_chunk(ex: StackedExperts, x_CD: torch.Tensor, node: str, norm: str, K: int, scale: float = 1.0):
-    """All E experts to ``node``, top-K by norm, the K finish; -> (out_CD, norms_CE, idx_CK, weight_CK)."""
+def router_gates(layer, x_CD: torch.Tensor, idx_CK: torch.Tensor) -> torch.Tensor:
+    """The gates ``layer``'s own router gives the experts ``idx_CK`` of each token (its scores, its
+    renormalisation, its routed_scaling_factor), as if it had chosen them itself."""
+    cfg = layer.router_cfg
+    if cfg.type not in GATED_ROUTERS:
+        raise ConfigError("weighting", "router", f"router type {cfg.type} has no plain gate rule to reuse; "
+                          f"use weighting='norms' (router gates exist for {', '.join(GATED_ROUTERS)})")
+    logits_CE = layer.router.logits(x_CD)  # fp32
+    if cfg.type == "topk" and cfg.softmax_order == "topk_then_softmax":
+        return logits_CE.gather(-1, idx_CK).softmax(dim=-1) * cfg.routed_scaling_factor
+    sigmoid = cfg.type == "deepseek_v3"
+    scores_CE = torch.sigmoid(logits_CE) if sigmoid else logits_CE.softmax(dim=-1)
+    w_CK = scores_CE.gather(-1, idx_CK)
+    if (cfg.norm_topk_prob is None and sigmoid) or cfg.norm_topk_prob:
+        p = cfg.topk_norm_p
+        w_CK = w_CK / (w_CK.sum(dim=-1, keepdim=True) if p == 1.0
+                       else torch.linalg.vector_norm(w_CK, ord=p, dim=-1, keepdim=True))
+    return w_CK * cfg.routed_scaling_factor
+
+
+def gates_sum_to_one(cfg) -> bool:
+    """Whether the router's own K gates sum to 1 before its routed_scaling_factor."""
+    return (cfg.type == "topk" and cfg.softmax_order == "topk_then_softmax") or bool(
+        cfg.norm_topk_prob or (cfg.norm_topk_prob is None and cfg.type == "deepseek_v3"))
+
+
+def _select_chunk(layer, x_CD: torch.Tensor, node: str, norm: str, weighting: str):
+    """All E experts to ``node``, top-K by norm, the K finish; -> (out_CD, norms_CE, idx_CK, weight_CK).
+    ``weighting``: "router" = the router's own gates for the chosen experts; "norms" = AoE's softmax
+    over the K chosen norms (x the router's scale only when its own gates sum to 1: a scale made for
+    gates that sum to less, Qwen's or DeepSeek-V2's, would inflate weights renormalised to 1)."""
+    ex, K, cfg = layer.experts, layer.router_cfg.top_k, layer.router_cfg
     C, D = x_CD.shape
     node_CEX = torch.stack([_node(ex, e, x_CD, node) for e in range(ex.num_experts)], dim=1)
     norms_CE = torch.linalg.vector_norm(node_CEX.float(), ord=_ORD[norm], dim=-1)  # fp32 scores
     top_CK, idx_CK = norms_CE.topk(K, dim=-1)
-    weight_CK = top_CK.softmax(dim=-1) * scale  # AoE: softmax over the K chosen norms, x the router's scale
+    if weighting == "router":
+        weight_CK = router_gates(layer, x_CD, idx_CK)
+    else:
+        weight_CK = top_CK.softmax(dim=-1) * (cfg.routed_scaling_factor if gates_sum_to_one(cfg) else 1.0)
     tok_A, exp_A = torch.arange(C, device=x_CD.device).repeat_interleave(K), idx_CK.reshape(-1)
     y_AD = x_CD.new_empty(C * K, D)
     for e in exp_A.unique().tolist():  # each chosen expert finishes on its rows only
@@ -107,19 +145,18 @@ def _select_chunk(ex: StackedExperts, x_CD: torch.Tensor, node: str, norm: str, 
 
 
 def routerless_forward(layer, x_BTD: torch.Tensor, node: str, norm: str,
-                       valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-    """MoELayer.forward with the router replaced by norm-based top-K selection (K = router top_k).
-    The study runs unpadded text; a padding mask is refused rather than routed."""
+                       valid_BT: torch.Tensor | None = None, weighting: str = "router") -> tuple[torch.Tensor, Routing]:
+    """MoELayer.forward with the router's selection replaced by norm-based top-K selection (K = router
+    top_k), weighted as ``weighting`` says (see :func:`_select_chunk`). The study runs unpadded text;
+    a padding mask is refused rather than routed."""
     if valid_BT is not None and not bool(valid_BT.all()):
         raise ConfigError("attention_mask", "padding", "the routerless study runs on unpadded sequences")
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
-    ex, K = layer.experts, layer.router_cfg.top_k
+    ex = layer.experts
     width = ex.d_model if node == "output" else ex.ffn_dim
     chunk = max(1, _CHUNK_ELEMS // (ex.num_experts * width))
-    # the router's own gate scale (DeepSeek's routed_scaling_factor) is kept; the paper does not say
-    scale = layer.router_cfg.routed_scaling_factor
-    parts = [_select_chunk(ex, x_TD[s:s + chunk], node, norm, K, scale) for s in range(0, B * T, chunk)]
+    parts = [_select_chunk(layer, x_TD[s:s + chunk], node, norm, weighting) for s in range(0, B * T, chunk)]
     out_TD, norms_TE, idx_TK, weight_TK = (torch.cat(p) for p in zip(*parts))
     out_TD = layer.add_shared(x_TD, out_TD)  # exactly as MoELayer.forward
     # the norms stand in for router logits, so layer metrics describe the routerless selection
@@ -133,17 +170,19 @@ _MISSING = object()
 
 
 @contextmanager
-def routerless(model, node: str = "act_x_Wg", norm: str = "l2"):
+def routerless(model, node: str = "act_x_Wg", norm: str = "l2", weighting: str = "router"):
     """Inside the ``with``, every MoE layer of ``model`` selects its experts by the ``norm`` of their
     ``node`` activation instead of its router; each layer's forward is restored on exit (also on errors)."""
     check_choice(node, norm)
+    if weighting not in WEIGHTINGS:
+        raise ConfigError("weighting", weighting, f"choose one of {', '.join(WEIGHTINGS)}")
     layers = routed_moe_layers(model)
     saved = []
     try:
         for layer in layers:
             saved.append((layer, layer.__dict__.get("forward", _MISSING)))
             layer.forward = lambda x_BTD, valid_BT=None, _layer=layer: routerless_forward(_layer, x_BTD, node, norm,
-                                                                                         valid_BT)
+                                                                                         valid_BT, weighting)
         yield model
     finally:
         for layer, prev in reversed(saved):
@@ -188,22 +227,34 @@ def model_macs(model, node: str | None = None) -> int:
 # ---- the study ----------------------------------------------------------------------------------------
 def run_routerless_study(source: str | Path, out: Path, data: str = "builtin", nodes=NODES, norms=NORMS,
                          batch_size: int = 8, max_batches: int | None = None, seq_len: int | None = None,
-                         quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    """Validation loss per domain of the routed model and of every (node, norm) routerless selection;
-    writes ``result.json``, ``report.md``/``.html`` and ``plots/`` into ``out``; returns the result."""
+                         quick: bool = False, seed: int = 0, progress: bool = True, weightings=WEIGHTINGS) -> dict:
+    """Validation loss per domain of the routed model and of every (node, norm, weighting) routerless
+    selection; writes ``result.json``, ``report.md``/``.html`` and ``plots/`` into ``out``; returns the
+    result. A router without a plain gate rule (``GATED_ROUTERS``) runs the "norms" weighting only, and
+    the result's ``notes`` say so."""
     from tqdm.auto import tqdm
 
     from moelab.data import load_corpus, prepare_data
     from moelab.loading import load, load_tokenizer
     from moelab.train.trainer import evaluate
 
-    nodes, norms = tuple(nodes), tuple(norms)
+    nodes, norms, weightings = tuple(nodes), tuple(norms), tuple(weightings)
     for n in nodes:
         check_choice(n, "l2")
     for p in norms:
         check_choice("output", p)
+    for w in weightings:
+        if w not in WEIGHTINGS:
+            raise ConfigError("weighting", w, f"choose one of {', '.join(WEIGHTINGS)}")
     model = load(source)
     layers = routed_moe_layers(model, source)
+    notes = []
+    if "router" in weightings and layers[0].router_cfg.type not in GATED_ROUTERS:
+        weightings = tuple(w for w in weightings if w != "router")
+        notes.append(f"router type {layers[0].router_cfg.type} has no plain gate rule to reuse: only the softmax "
+                     "of the chosen norms weights the experts")
+    if not weightings:
+        raise ConfigError("weighting", "router", "this router has no gate rule to reuse; add weighting 'norms'")
     tokenizer = load_tokenizer(source)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MoelabError(f"{source}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -225,18 +276,18 @@ def run_routerless_study(source: str | Path, out: Path, data: str = "builtin", n
     routed_cost = model_macs(model)
     routed = measure(macs_per_token=routed_cost, cost_ratio=1.0)
     rows = []
-    pairs = [(n, p) for n in nodes for p in norms]
-    for node, norm in tqdm(pairs, desc="routerless", unit="eval", disable=not progress, dynamic_ncols=True):
+    runs = [(w, n, p) for w in weightings for n in nodes for p in norms]
+    for weighting, node, norm in tqdm(runs, desc="routerless", unit="eval", disable=not progress, dynamic_ncols=True):
         macs = model_macs(model, node)
-        with routerless(model, node, norm):
-            row = measure(node=node, norm=norm, macs_per_token=macs, cost_ratio=macs / routed_cost)
+        with routerless(model, node, norm, weighting):
+            row = measure(node=node, norm=norm, weighting=weighting, macs_per_token=macs, cost_ratio=macs / routed_cost)
         row["delta_loss"] = row["val_loss"] - routed["val_loss"]
         rows.append(row)
     first = layers[0]
     result = {
         "experiment": "routerless", "source": str(source), "data": str(data), "quick": quick, "seed": seed,
         "seq_len": seq_len, "batch_size": batch_size, "max_batches": max_batches, "nodes": list(nodes),
-        "norms": list(norms),
+        "norms": list(norms), "weightings": list(weightings), "notes": notes,
         "model": {"moe_layers": len(layers), "num_experts": first.experts.num_experts,
                   "top_k": first.router_cfg.top_k, "d_model": first.experts.d_model,
                   "expert_ffn_dim": first.experts.ffn_dim, "router": first.router_cfg.type,
@@ -260,9 +311,13 @@ def _report(out: Path, result: dict) -> None:
     rows, routed, nodes = result["rows"], result["routed"], result["nodes"]
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    for norm in result["norms"]:
-        pts = [(nodes.index(r["node"]), r["val_loss"]) for r in rows if r["norm"] == norm]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=norm)
+    for k, norm in enumerate(result["norms"]):
+        for weighting, style in (("router", "o-"), ("norms", "s--")):
+            pts = [(nodes.index(r["node"]), r["val_loss"]) for r in rows
+                   if r["norm"] == norm and r["weighting"] == weighting]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{k}",
+                        label=f"{norm}, {'router gates' if weighting == 'router' else 'softmax of norms'}")
     ax.axhline(routed["val_loss"], ls="--", color="black", alpha=0.7, label="with router")
     ax.set_xticks(range(len(nodes)), nodes, fontsize=8)
     ax.set_xlabel("node scored by its norm"), ax.set_ylabel("validation loss (nats/token)")
@@ -276,23 +331,30 @@ def _report(out: Path, result: dict) -> None:
     ax.set_ylabel("MoE multiply-adds / routed"), ax.legend(fontsize=8)
     plots["cost by node"] = save_figure(fig, out / "plots" / "cost_by_node.png")
     domains = sorted(routed["val_domains"])
-    table = md_table(["node", "norm", "val loss", "Δ vs router", "val ppl", *[f"{d} loss" for d in domains],
-                      "cost / routed", "eval s"],
-                     [["(router)", "-", routed["val_loss"], 0.0, routed["val_ppl"],
+    table = md_table(["node", "norm", "weights", "val loss", "Δ vs router", "val ppl",
+                      *[f"{d} loss" for d in domains], "cost / routed", "eval s"],
+                     [["(router)", "-", "router", routed["val_loss"], 0.0, routed["val_ppl"],
                        *[routed["val_domains"][d] for d in domains], 1.0, routed["eval_s"]]]
-                     + [[r["node"], r["norm"], r["val_loss"], r["delta_loss"], r["val_ppl"],
+                     + [[r["node"], r["norm"], "router gates" if r["weighting"] == "router" else "softmax of norms",
+                         r["val_loss"], r["delta_loss"], r["val_ppl"],
                          *[r["val_domains"].get(d, float("nan")) for d in domains], r["cost_ratio"], r["eval_s"]]
                         for r in rows])
     m = result["model"]
     md = [f"# Routerless expert selection (Autonomy-of-Experts §3.1) on {result['source']}", "",
           f"{m['moe_layers']} MoE layers, {m['num_experts']} experts, top-{m['top_k']}, router {m['router']}; "
           f"data {result['data']}, {routed['val_tokens']} validation tokens of sequences of {result['seq_len']}; "
-          "validation loss in nats/token. Without the router every expert runs to the node, the top-K by norm "
-          "finish, combined by softmax over their norms (dropless). Cost: MoE multiply-adds per token relative "
-          "to routed inference (router + K experts).", "", table, ""]
-    if rows:
-        best = min(rows, key=lambda r: r["val_loss"])
-        md += [f"Best without the router: {best['node']} / {best['norm']}, loss {best['val_loss']:.4f} vs "
-               f"{routed['val_loss']:.4f} with the router, at {best['cost_ratio']:.3g}x the compute.", ""]
+          "validation loss in nats/token. Without the router's selection every expert runs to the node and the "
+          "top-K by norm finish (dropless). They are weighted by the router's own gates for those experts "
+          "(\"router gates\": this isolates which experts are chosen) or, as AoE does, by a softmax over their "
+          "norms (\"softmax of norms\": that also changes the weights; an L1 norm, which grows with the layer "
+          "width, makes it nearly top-1). Cost: MoE multiply-adds per token relative to routed inference "
+          "(router + K experts).", "", *[f"Note: {n}" for n in result.get("notes", [])], "", table, ""]
+    for weighting, label in (("router", "router gates"), ("norms", "softmax of norms")):
+        mine = [r for r in rows if r["weighting"] == weighting]
+        if mine:
+            best = min(mine, key=lambda r: r["val_loss"])
+            md += [f"Best without the router's selection ({label}): {best['node']} / {best['norm']}, loss "
+                   f"{best['val_loss']:.4f} vs {routed['val_loss']:.4f} with the router, at {best['cost_ratio']:.3g}x "
+                   "the compute.", ""]
     md += ["## Plots", ""] + [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
     write_report(out, "moelab routerless study", "\n".join(md) + "\n", result)
