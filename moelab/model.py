@@ -36,8 +36,11 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed over MoE layers
-    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # unweighted L_MTP^k, k = 1..D
-    hidden: torch.Tensor | None = None  # (B, T, D) last block's output before the final norm (return_hidden)
+    # unweighted L_MTP^k, k = 1..D; 0 for a depth with no target in the batch (not counted in the mean over depths)
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    # (B, T, D) the last block's output after the final norm: the LM head's input, MTP depth 1's input and
+    # HF's last_hidden_state (return_hidden)
+    hidden: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -74,8 +77,12 @@ class MTPModule(nn.Module):
     """Multi-token prediction module k (DeepSeek-V3 §2.2, eq. 21-23), in the layout of the released
     checkpoints (``model.layers.{L+k-1}.{enorm,hnorm,eh_proj,shared_head.norm}`` + a decoder layer):
         h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])     embedding first (REFERENCES §4.3)
-        h^k = Block(h'),  P^k_{i+k+1} = OutHead(norm(h^k_i))
-    The embedding and the output head are the main model's (shared, not copied)."""
+        h^k = norm(Block(h')),  P^k_{i+k+1} = OutHead(h^k_i)
+    h^0 is the main model's last hidden state after its final norm, and h^k (k >= 1) is after the module's own
+    norm: what transformers' MtpLayer / MtpModel (modeling_layers.py; ``norm`` is its ``post_norm``), Megatron
+    and vLLM feed. NOTE: the paper does not say which side of the final norm h^0 is; the pre-norm state misses
+    transformers' MTP logits by as much as the logits themselves. The embedding and the output head are the
+    main model's (shared, not copied)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -90,7 +97,9 @@ class MTPModule(nn.Module):
 
     def forward(self, h_BTD, emb_BTD, cos_TD, sin_TD, positions_T, cache: LayerKVCache | None = None,
                 valid_BT: torch.Tensor | None = None):
-        return self.block(self.combine(h_BTD, emb_BTD), cos_TD, sin_TD, positions_T, cache, valid_BT)
+        """h^k (normed) and the block's routing, from h^{k-1} (normed) and the embeddings of the tokens k ahead."""
+        x_BTD, routing = self.block(self.combine(h_BTD, emb_BTD), cos_TD, sin_TD, positions_T, cache, valid_BT)
+        return self.norm(x_BTD), routing
 
 
 class MoETransformer(nn.Module):
@@ -204,16 +213,17 @@ class MoETransformer(nn.Module):
             if routing is not None:
                 for name, value in routing.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
-        logits_BTV = self.head(x_BTD)
-        out = ModelOutput(logits=logits_BTV, aux_losses=aux, hidden=x_BTD if return_hidden else None)
+        h_BTD = self.norm(x_BTD)
+        logits_BTV = self.head(h_BTD)
+        out = ModelOutput(logits=logits_BTV, aux_losses=aux, hidden=h_BTD if return_hidden else None)
         if labels is not None:
             out.lm_loss = _next_token_loss(logits_BTV, labels, 1)
             if self.mtp is not None and cache is None:  # also adds the modules' MoE aux losses to aux
-                out.mtp_losses = self._mtp_losses(x_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux,
-                                                  valid_BT)
+                out.mtp_losses, depths = self._mtp_losses(h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T,
+                                                          aux, valid_BT)
             out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
-            if out.mtp_losses:  # (lambda / D) sum_k L_k over the depths the sequence is long enough for
-                out.loss = out.loss + self.mtp_weight / len(out.mtp_losses) * sum(out.mtp_losses)
+            if out.mtp_losses:  # (lambda / D) sum_k L_k over the D depths with a target (a tensor: no host sync)
+                out.loss = out.loss + self.mtp_weight * sum(out.mtp_losses) / depths.clamp_min(1)
         return out
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -221,19 +231,21 @@ class MoETransformer(nn.Module):
         x = self.embed(ids)
         return x * self.config.embedding_multiplier if self.config.embedding_multiplier != 1.0 else x
 
-    def head(self, x_BTD: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        """Logits from last-block hidden states (the final norm, or an MTP module's own, then the LM head)."""
-        logits_BTV = self.lm_head((norm or self.norm)(x_BTD))
+    def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Logits from normed hidden states (the final norm's output, or an MTP module's)."""
+        logits_BTV = self.lm_head(h_BTD)
         if self.config.output_multiplier != 1.0:
             logits_BTV = logits_BTV * self.config.output_multiplier
         return logits_BTV
 
     def _mtp_losses(self, h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux,
-                    valid_BT: torch.Tensor | None = None) -> list[torch.Tensor]:
+                    valid_BT: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """DeepSeek-V3 eq. 21-24: depth k sees positions i < T - k (h^{k-1}_i and token i + k) and
         predicts token i + k + 1, scored where that token is inside the sequence (i < T - k - 1).
+        ``h_BTD``: the main model's hidden states after the final norm. Returns the per-depth losses (0 for
+        a depth with no target in the batch, e.g. rows of 2 real tokens) and how many depths had a target.
         Aux losses of the modules' MoE layers are added to ``aux``."""
-        losses, T = [], input_ids.shape[1]
+        losses, depths, T = [], labels.new_zeros(()), input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 2:
                 break
@@ -243,7 +255,8 @@ class MoETransformer(nn.Module):
             valid = None if valid_BT is None else valid_BT[:, :n] & valid_BT[:, k:]
             args = (h_BTD[:, :n], emb_BnD, cos_TD[..., :n, :], sin_TD[..., :n, :], positions_T[:n], None, valid)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h_BTD, routing = _checkpointed_block(module.block, module.combine(args[0], emb_BnD), *args[2:])
+                x_BnD, routing = _checkpointed_block(module.block, module.combine(args[0], emb_BnD), *args[2:])
+                h_BTD = module.norm(x_BnD)
             else:
                 h_BTD, routing = module(*args)
             if routing is not None:  # logged apart from the main stack's: "mtp_seq_balance", ...
@@ -254,28 +267,36 @@ class MoETransformer(nn.Module):
             if valid is not None:  # a target counts only when the position predicting it is real too
                 labels_k = labels_k.clone()
                 labels_k[:, 1:] = labels_k[:, 1:].masked_fill(~valid[:, :-1], -100)
-            losses.append(_next_token_loss(self.head(h_BTD, module.norm), labels_k, 1))
-        return losses
+            loss, targets = _next_token_loss(self.head(h_BTD), labels_k, 1, with_count=True)
+            losses.append(loss)
+            depths = depths + (targets > 0)
+        return losses, depths
 
     def mtp_logits(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, start: int,
                    cache: KVCache | None = None) -> torch.Tensor:
-        """MTP module 1 on positions start .. start + T - 1: the main model's hidden states there and
-        the tokens that follow each give logits for the token after that, (B, T, V). ``cache``: the
-        module's own one-layer KV cache, advanced by T positions (speculative decoding)."""
+        """MTP module 1 on positions start .. start + T - 1: the main model's hidden states there (after
+        the final norm: ``ModelOutput.hidden``) and the tokens that follow each give logits for the token
+        after that, (B, T, V). ``cache``: the module's own one-layer KV cache, advanced by T positions
+        (speculative decoding)."""
         T = h_BTD.shape[1]
         positions_T = torch.arange(start, start + T, device=h_BTD.device)
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T, seq_len=start + T)
         module = self.mtp[0]
         layer_cache = cache.layers[0] if cache is not None else None
-        x, _ = module(h_BTD, self.embed_tokens(next_ids_BT), cos_TD, sin_TD, positions_T, layer_cache)
-        return self.head(x, module.norm)
+        h, _ = module(h_BTD, self.embed_tokens(next_ids_BT), cos_TD, sin_TD, positions_T, layer_cache)
+        return self.head(h)
 
 
-def _next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: int) -> torch.Tensor:
-    """Cross-entropy of logits at position i against labels at i + shift (-100 ignored)."""
+def _next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: int, with_count: bool = False):
+    """Cross-entropy of logits at position i against labels at i + shift (-100 ignored), the mean over the
+    targets. ``with_count``: also the number of targets, and 0 (not NaN) when there are none."""
     V = logits_BTV.shape[-1]
-    return F.cross_entropy(logits_BTV[:, :-shift].reshape(-1, V).float(), labels_BT[:, shift:].reshape(-1),
-                           ignore_index=-100)
+    logits_NV, labels_N = logits_BTV[:, :-shift].reshape(-1, V).float(), labels_BT[:, shift:].reshape(-1)
+    if not with_count:
+        return F.cross_entropy(logits_NV, labels_N, ignore_index=-100)
+    count = (labels_N != -100).sum()
+    total = F.cross_entropy(logits_NV, labels_N, ignore_index=-100, reduction="sum")
+    return total / count.clamp_min(1), count
 
 
 def _checkpointed_block(block: Block, *args):

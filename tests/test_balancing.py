@@ -145,8 +145,12 @@ def test_every_loss_logged_by_name_and_weighted():
     r = routings[0]
     assert r.aux_losses["device_balance"].item() == pytest.approx(
         0.05 * device_balance_loss(r.probs_TE, r.expert_idx_A, 2, 2).item(), rel=1e-6)
+    # the sequence-wise loss counts each token's top-2 of the scores, not the group-limited selection (V3 eq. 18)
+    raw_TK = r.probs_TE.topk(2, dim=-1).indices
+    assert not torch.equal(raw_TK.sort(-1).values.reshape(-1), r.expert_idx_A.view(-1, 2).sort(-1).values.reshape(-1))
     assert r.aux_losses["seq_balance"].item() == pytest.approx(
-        1e-4 * sequence_balance_loss(r.probs_TE, r.token_idx_A, r.expert_idx_A, 10, 2).item(), rel=1e-6)
+        1e-4 * sequence_balance_loss(r.probs_TE, torch.arange(30).repeat_interleave(2), raw_TK.reshape(-1), 10,
+                                     2).item(), rel=1e-6)
     torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()))
     # all off: no aux loss at all
     cfg0 = small_config(router=RouterConfig(top_k=2, load_balance_coef=0.0))

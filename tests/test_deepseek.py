@@ -132,20 +132,29 @@ def test_kv_cache_bytes_per_attention_type():
 
 def test_mtp_loss_by_hand():
     """L_MTP^k (V3 eq. 21-24) written out: depth 1 combines [enorm(Emb(t_{i+1})); hnorm(h_i)] (embedding
-    first, the released layout), runs its block and predicts t_{i+2}; depth 2 chains on depth 1."""
+    first, the released layout), runs its block and predicts t_{i+2}; depth 2 chains on depth 1. h_i is the
+    main model's last hidden state AFTER the final norm, and depth 2 gets depth 1's output after its own norm
+    (shared_head.norm), as transformers' MtpLayer / MtpModel, Megatron and vLLM feed them."""
     torch.manual_seed(0)
     cfg = mla_config(mtp=MTPConfig(num_modules=2, loss_weight=0.3))
     model = build_model(cfg)
+    with torch.no_grad():  # norm weights away from 1: with unit weights norm(h) and h give the same hnorm(.)
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.5 * torch.randn_like(p))
     ids = torch.randint(0, 64, (2, 10))
+    seen = []
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o[0]))
     out = model(ids, labels=ids, return_hidden=True)
     pos = torch.arange(10)
     cos, sin = model_rope_cos_sin(cfg, pos, 10)
-    h, losses = out.hidden, []
+    h, losses = model.norm(seen[0]), []
+    torch.testing.assert_close(out.hidden, h)  # ModelOutput.hidden: the LM head's input
     for k, mod in enumerate(model.mtp, start=1):
         n = 10 - k
         x = mod.eh_proj(torch.cat([mod.enorm(model.embed(ids[:, k:])), mod.hnorm(h[:, :n])], dim=-1))
-        h, _ = mod.block(x, cos[:n], sin[:n], pos[:n])
-        logits = model.lm_head(mod.norm(h))
+        h = mod.norm(mod.block(x, cos[:n], sin[:n], pos[:n])[0])
+        logits = model.lm_head(h)
         losses.append(F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, k + 1:].reshape(-1)))
     torch.testing.assert_close(torch.stack(out.mtp_losses), torch.stack(losses))
     torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()) + 0.3 / 2 * sum(losses))
@@ -157,6 +166,51 @@ def test_mtp_loss_by_hand():
         model.drop_mtp()
         assert model.config.mtp is None and model.mtp is None
         torch.testing.assert_close(model(ids).logits, logits)
+
+
+def test_speculative_drafts_from_the_normed_hidden_state(monkeypatch):
+    """The drafter gets the main model's hidden states after the final norm (what it was trained on): every
+    call's h equals model.norm of the last block's output at those positions in one uncached forward."""
+    torch.manual_seed(0)
+    model = build_model(mla_config(mtp=MTPConfig())).eval()
+    prompt = torch.randint(0, 64, (1, 6))
+    calls, real = [], model.mtp_logits
+
+    def drafter(h, nxt, start, cache=None):
+        calls.append((h, start))
+        return real(h, nxt, start, cache)
+
+    monkeypatch.setattr(model, "mtp_logits", drafter)
+    out, _ = speculative_generate_ids(model, prompt, 12)
+    seen = []
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    with torch.no_grad():
+        model(out)
+        normed = model.norm(seen[0])
+    assert len(calls) > 2
+    for h, start in calls:
+        torch.testing.assert_close(h, normed[:, start:start + h.shape[1]], rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_depth_without_a_target_adds_nothing():
+    """Left-padded rows with 2 real tokens have LM targets but no MTP target (depth 1 predicts the token 2
+    ahead): that depth's loss is 0 and it is not counted in the mean over depths, so the loss is finite. With
+    3 real tokens depth 1 has a target and depth 2 none: the loss adds lambda * L_1, not lambda / 2 * L_1."""
+    torch.manual_seed(0)
+    model = build_model(mla_config(mtp=MTPConfig(num_modules=2, loss_weight=0.3)))
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]])
+    out = model(ids, labels=ids, attention_mask=mask)
+    assert torch.isfinite(out.lm_loss) and [v.item() for v in out.mtp_losses] == [0.0, 0.0]
+    # depth 2 routes no token at all: its MoE layer's balance loss is 0 too, not a mean over nothing
+    assert out.aux_losses["mtp_load_balance"].item() > 0 and all(torch.isfinite(v) for v in out.aux_losses.values())
+    torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()))
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    out = model(ids, labels=ids, attention_mask=mask)
+    assert out.mtp_losses[0].item() > 1.0 and out.mtp_losses[1].item() == 0.0
+    torch.testing.assert_close(out.loss, out.lm_loss + sum(out.aux_losses.values()) + 0.3 * out.mtp_losses[0])
 
 
 def test_mtp_weight_schedule():

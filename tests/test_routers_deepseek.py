@@ -199,3 +199,44 @@ def test_deepseek_v2_default_group_score_is_max_and_configurable():
     assert RouterConfig(type="deepseek_v3").effective_group_score == "sum_top2"
     with pytest.raises(ValueError, match="router.group_score"):
         RouterConfig(type="deepseek_v3", group_score="mean")
+
+
+
+@pytest.mark.parametrize("bias,groups,s,paper,selected", [
+    # s + b = (.7, .8, .3, .2) selects e1; the paper counts Topk(s, 1) = e0
+    ([-0.2, 0.0, 0.0, 0.0], {}, [0.9, 0.8, 0.3, 0.2], 0, 1),
+    # groups {0,1} (top-2 sum 1.0) and {2,3} (1.5): the group limit selects e2; Topk(s, 1) is e0
+    (None, dict(n_group=2, topk_group=1), [0.9, 0.1, 0.8, 0.7], 0, 2),
+])
+def test_v3_sequence_balance_counts_top_k_of_the_raw_affinities(bias, groups, s, paper, selected):
+    """DeepSeek-V3 eq. 17-20: f_i = E/(K T) sum_t 1(s_{i,t} in Topk({s_{j,t}}, K)) over the raw affinities s (no
+    bias b, no group limit; Megatron's compute_routing_scores_for_aux_loss alike), P_i = (1/T) sum_t s_{i,t} /
+    sum_j s_{j,t}, loss sum_i f_i P_i. One token, E = 4, K = 1: f = 4 at the top-1 of s, 0 elsewhere, so the loss
+    is 4 s_top / sum(s). First case: 4 * 0.9 / 2.2 = 1.636 (counting the biased selection e1 gives
+    4 * 0.8 / 2.2 = 1.455); second: 4 * 0.9 / 2.5 = 1.44 (the group-limited selection e2: 4 * 0.8 / 2.5 = 1.28)."""
+    from moelab.moe.balancing import add_aux_losses
+
+    router = _identity_router(type="deepseek_v3", top_k=1, seq_balance_coef=1.0, **groups)
+    if bias is not None:
+        with torch.no_grad():
+            router.e_score_correction_bias.copy_(torch.tensor(bias))
+    st = torch.tensor([s])
+    r = router(torch.log(st / (1 - st)))  # logits whose sigmoid is s
+    assert r.expert_idx_A.tolist() == [selected]  # the selection itself is unchanged
+    add_aux_losses(router.cfg, r, seq_len=1)
+    assert r.aux_losses["seq_balance"].item() == pytest.approx(4 * s[paper] / sum(s), rel=1e-6)
+
+
+def test_v2_sequence_balance_counts_top_k_without_the_group_limit():
+    """The same loss under V2's device-limited routing: x = (1, -1, .9, .8), groups {0,1} (max 1.0) and {2,3}
+    (max .9), keep 1, K = 2: the selection is {e0, e1}, Topk(s, 2) is {e0, e2}; one token, f = E/K = 2 on the
+    counted pair, so the loss is 2 (p_0 + p_2) with p = softmax(x), not 2 (p_0 + p_1)."""
+    from moelab.moe.balancing import add_aux_losses
+
+    x = torch.tensor([[1.0, -1.0, 0.9, 0.8]])
+    router = _identity_router(type="deepseek_v2", top_k=2, n_group=2, topk_group=1, seq_balance_coef=1.0)
+    r = router(x)
+    assert sorted(r.expert_idx_A.tolist()) == [0, 1]
+    add_aux_losses(router.cfg, r, seq_len=1)
+    p = x.softmax(-1)[0]
+    assert r.aux_losses["seq_balance"].item() == pytest.approx(2 * (p[0] + p[2]).item(), rel=1e-6)

@@ -72,6 +72,7 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
         return len(tokens) < limit and not (eos_id is not None and tokens[-1] == eos_id)
 
     def draft_from(h_BTD: torch.Tensor, next_ids: list[int], start: int) -> int:
+        # h_BTD: ModelOutput.hidden, after the final norm, what the MTP module is trained on (and transformers feeds)
         nxt = torch.tensor([next_ids], device=input_ids.device)
         return int(model.mtp_logits(h_BTD, nxt, start, mtp_cache)[0, -1].argmax())
 

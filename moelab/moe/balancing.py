@@ -163,8 +163,10 @@ def comm_balance_loss(probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_
 def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
                           seq_len: int | TokenLayout, top_k: int) -> torch.Tensor:
     """DeepSeek-V3 eq. 17-20, averaged over the sequences: per sequence of S tokens,
-    sum_i f_i P_i with f_i = E/(K S) * (tokens of the sequence selecting i) and P_i the mean of the
+    sum_i f_i P_i with f_i = E/(K S) * (tokens of the sequence counting i) and P_i the mean of the
     scores normalised over all experts, s'_{i,t} = s_{i,t} / sum_j s_{j,t}. Equals 1 at balance.
+    Eq. 18 counts i when s_{i,t} is in Topk(s_t, K), the raw affinities: :func:`add_aux_losses` passes
+    :func:`top_k_assignments` of the scores, not the router's selection.
     ``seq_len``: a length (row t belongs to sequence t // seq_len) or a TokenLayout (padded batches:
     S is each sequence's own number of real tokens)."""
     T, E = scores_TE.shape
@@ -181,6 +183,13 @@ def sequence_balance_loss(scores_TE: torch.Tensor, token_idx_A: torch.Tensor, ex
     counts_BE = count_ids(seq_expert_A, B * E).view(B, E).float()
     f_BE = counts_BE * (E / top_k) / lens_B[:, None]
     return (f_BE.detach() * P_BE).sum(dim=-1).mean()
+
+
+def top_k_assignments(scores_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_idx_A, expert_idx_A) of each token's top-K scores, A = T*K, with no bias and no group limit."""
+    T = scores_TE.shape[0]
+    expert_idx_TK = scores_TE.detach().topk(top_k, dim=-1).indices
+    return torch.arange(T, device=scores_TE.device).repeat_interleave(top_k), expert_idx_TK.reshape(-1)
 
 
 def per_sequence(loss_fn, probs_TE: torch.Tensor, token_idx_A: torch.Tensor, expert_idx_A: torch.Tensor,
@@ -226,6 +235,8 @@ def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayo
     config's ``n_group`` groups."""
     E, K = routing.num_experts, cfg.top_k
     D, M = (cfg.n_group, cfg.topk_groups) if devices is None else (devices, devices_per_token(cfg, devices))
+    # no routed token (an MTP depth past every row's real tokens): every loss is 0, not a mean over nothing (NaN)
+    empty = routing.num_tokens == 0
     coefs = cfg.loss_coefs()  # explicit values, else the router family's paper defaults
 
     def scoped(loss_fn):  # (probs_TE, token_idx_A, expert_idx_A) -> loss, over the batch or per sequence
@@ -245,9 +256,11 @@ def add_aux_losses(cfg: RouterConfig, routing: Routing, seq_len: int | TokenLayo
             lambda p, t, e: device_balance_loss(p, e, K, D))),
         "comm_balance": (coefs["comm_balance"], lambda: scoped(
             lambda p, t, e: comm_balance_loss(p, t, e, D, M))),
+        # f counts Topk(s, K) of the affinities (V3 eq. 18; Megatron's compute_routing_scores_for_aux_loss), not
+        # the selection, which the bias b and the group limit move; probs_TE orders the experts as s does
         "seq_balance": (coefs["seq_balance"], lambda: sequence_balance_loss(
-            routing.probs_TE, routing.token_idx_A, routing.expert_idx_A, seq_len, K)),
+            routing.probs_TE, *top_k_assignments(routing.probs_TE, K), seq_len, K)),
     }
     for name, (coef, fn) in losses.items():
         if coef > 0 and name not in routing.aux_losses:
-            routing.aux_losses[name] = coef * fn()
+            routing.aux_losses[name] = routing.logits_TE.sum() * 0.0 if empty else coef * fn()

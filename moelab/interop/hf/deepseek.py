@@ -18,8 +18,12 @@ HF checkpoint keys (layer i, expert e):
 V3 MTP module k sits at layer L + k (L = num_hidden_layers), as in the released checkpoint:
   model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm} -> mtp.{k}.{enorm,hnorm,eh_proj,norm}, its decoder-layer
   keys as above -> mtp.{k}.block.*, and copies of the embedding and the head (embed_tokens, shared_head.head) that
-  moelab shares with the main model (load checks they are equal). transformers builds no MTP layers and ignores
-  these keys; moelab loads them when the checkpoint has them.
+  moelab shares with the main model (load checks they are equal). moelab loads them when the checkpoint has them.
+  DeepseekV3ForCausalLM ignores these keys; transformers' MtpModel (modeling_layers.py, generate(use_mtp=True))
+  reads them as MtpLayer k (shared_head.norm -> post_norm, the decoder layer -> mtp_block) and computes what
+  moelab's MTPModule does: depth 1 is fed the main model's output after the final norm, depth k + 1 depth k's
+  output after its shared_head.norm. NOTE: MtpModel.from_pretrained looks for model.layers.61.* only
+  (DeepseekV3PreTrainedModel._keys_to_ignore_on_load_unexpected, the released model's layer count).
 """
 
 from __future__ import annotations
