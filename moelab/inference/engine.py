@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from moelab.errors import ConfigError
-from moelab.inference.generate import sample_next
+from moelab.inference.generate import require_dropless, sample_next
 from moelab.model import MoETransformer
-from moelab.moe.layer import MoELayer
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "context")
 
@@ -74,11 +73,8 @@ def _check(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int,
         raise ConfigError("stream", "set", "streaming emits text: pass the tokenizer")
     if prefill_chunk is not None and prefill_chunk <= 0:
         raise ConfigError("prefill_chunk", prefill_chunk, "must be a positive number of tokens (None: one pass)")
-    for module in model.modules():  # the check speculative_generate_ids makes
-        if isinstance(module, MoELayer) and module.router_cfg.eval_capacity_factor is not None:
-            raise ConfigError("moe.router.eval_capacity_factor", module.router_cfg.eval_capacity_factor,
-                              "with an eval capacity the rows of a batch compete for expert slots, so a row's "
-                              "output depends on its batch mates and padding; set it to null for generation")
+    require_dropless(model, "with an eval capacity the rows of a batch compete for expert slots, so a row's "
+                            "output depends on its batch mates and padding")
 
 
 @torch.no_grad()

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from moelab.errors import ConfigError
 from moelab.model import MoETransformer
+from moelab.moe.layer import MoELayer
+
+
+def require_dropless(model: MoETransformer, why: str) -> None:
+    """Refuse a model whose MoE layers have an eval capacity (``why``: what it would break), naming the
+    config field: decoding that batches rows or verifies several tokens at once needs each token's
+    routing to depend on that token alone."""
+    for module in model.modules():
+        if isinstance(module, MoELayer) and module.router_cfg.eval_capacity_factor is not None:
+            raise ConfigError("moe.router.eval_capacity_factor", module.router_cfg.eval_capacity_factor,
+                              f"{why}; set it to null for generation")
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

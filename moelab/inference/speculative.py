@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from moelab.errors import ConfigError
+from moelab.inference.generate import require_dropless
 from moelab.layers.attention import KVCache
 from moelab.model import MoETransformer
-from moelab.moe.layer import MoELayer
 
 
 @dataclass
@@ -51,11 +51,8 @@ def speculative_generate_ids(model: MoETransformer, input_ids: torch.Tensor, max
         raise ConfigError("input_ids", tuple(input_ids.shape), "speculative decoding takes one sequence (batch 1)")
     if input_ids.shape[1] == 0:
         raise ConfigError("input_ids", "empty", "give at least one prompt token")
-    for name, module in model.named_modules():
-        if isinstance(module, MoELayer) and module.router_cfg.eval_capacity_factor is not None:
-            raise ConfigError(f"{name}.router.eval_capacity_factor", module.router_cfg.eval_capacity_factor,
-                              "with an eval capacity a 2-token verification can drop other assignments than "
-                              "1-token decoding; speculative decoding needs dropless eval routing (set it to null)")
+    require_dropless(model, "with an eval capacity a 2-token verification can drop other assignments than 1-token "
+                            "decoding; speculative decoding needs dropless eval routing")
     model.eval()
     stats = SpeculativeStats()
     T0 = input_ids.shape[1]
