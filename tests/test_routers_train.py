@@ -41,3 +41,23 @@ def test_router_trains(name):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_bias_freezes_after_its_stop_fraction():
+    """Issue 22.15: DeepSeek-V3 trains with gamma 0.001, then 0 for the final part (bias_update_stop_fraction).
+    The bias moves on steps 0-1 of 4 (stop 0.5) and stays put after; the load counter still resets."""
+    cfg = RouterConfig(type="deepseek_v3", top_k=1, bias_update_rate=0.01, bias_update_stop_fraction=0.5)
+    torch.manual_seed(0)
+    model = build_model(small_config(router=cfg)).train()
+    layer = model.moe_layers()[0]
+    ids = torch.randint(0, 64, (2, 16))
+    biases = []
+    for step in range(4):
+        model(ids, labels=ids)
+        update_router_biases(model, step, 4)
+        assert float(layer.load_accum_E.sum()) == 0.0
+        biases.append(layer.router.e_score_correction_bias.clone())
+    assert not torch.equal(biases[0], torch.zeros_like(biases[0])) and not torch.equal(biases[1], biases[0])
+    assert torch.equal(biases[2], biases[1]) and torch.equal(biases[3], biases[1])
+    with pytest.raises(Exception, match="bias_update_stop_fraction"):
+        RouterConfig(type="topk", bias_update_stop_fraction=0.9)

@@ -100,6 +100,9 @@ class RouterConfig:
     # (``moelab.moe.update_router_biases(model)``); gamma = 0.001 in V3. 0: the bias stays as loaded.
     # None: 0.001 for deepseek_v3 (the paper's schedule until its last 500B tokens).
     bias_update_rate: float | None = None
+    # Share of the training steps after which the bias stops moving (gamma = 0 from then on), as V3
+    # trains: gamma 0.001 for the first 14.3T of 14.8T tokens, then 0 (0.966). None: it moves throughout.
+    bias_update_stop_fraction: float | None = None
     # Dynamic top-p threshold p (top_p router); 0.4 in Huang et al.'s code.
     top_p: float = 0.4
     # Capacity per expert = ceil(capacity_factor * tokens * top_k / E); None = dropless (token
@@ -183,6 +186,13 @@ class RouterConfig:
         if (self.noisy_load_loss_coef or 0) > 0 and self.type != "noisy_topk":
             raise ConfigError("router.noisy_load_loss_coef", self.noisy_load_loss_coef,
                               "the smooth load loss needs router.type=noisy_topk (its noise defines it)")
+        if self.bias_update_stop_fraction is not None:
+            if not 0.0 <= self.bias_update_stop_fraction <= 1.0:
+                raise ConfigError("router.bias_update_stop_fraction", self.bias_update_stop_fraction,
+                                  "must be in [0, 1] (a share of the training steps)")
+            if self.type != "deepseek_v3":
+                raise ConfigError("router.bias_update_stop_fraction", self.bias_update_stop_fraction,
+                                  "the aux-free bias exists only for router.type=deepseek_v3")
         if (self.bias_update_rate or 0) > 0 and self.type != "deepseek_v3":
             raise ConfigError("router.bias_update_rate", self.bias_update_rate,
                               "the aux-loss-free bias exists only for router.type=deepseek_v3")
@@ -210,6 +220,11 @@ class RouterConfig:
     def active_losses(self) -> dict[str, float]:
         """The losses with a coefficient > 0 (what training adds and logs)."""
         return {k: v for k, v in self.loss_coefs().items() if v > 0}
+
+    def bias_moves_at(self, step: int, total_steps: int) -> bool:
+        """Whether the aux-free bias is updated after optimizer step ``step`` (0-based) of ``total_steps``."""
+        stop = self.bias_update_stop_fraction
+        return stop is None or step < stop * total_steps
 
     @property
     def effective_bias_update_rate(self) -> float:

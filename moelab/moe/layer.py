@@ -184,21 +184,26 @@ class MoELayer(nn.Module):
         }
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
+    def update_router_bias(self, move: bool = True) -> None:
         """Give the router the load counted since the last call (then reset the counter). Called by
-        :func:`moelab.moe.balancing.update_router_biases` after each optimizer step."""
-        self.router.update_bias(self.load_accum_E)
+        :func:`update_router_biases` after each optimizer step; ``move=False`` only resets the counter
+        (the bias is frozen, as for the end of DeepSeek-V3's training)."""
+        if move:
+            self.router.update_bias(self.load_accum_E)
         self.load_accum_E.zero_()
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module) -> int:
+def update_router_biases(model: nn.Module, step: int | None = None, total_steps: int | None = None) -> int:
     """Call after every ``optimizer.step()``: each MoE layer hands the load it counted in training
     forwards since the last call to its router (DeepSeek-V3 aux-loss-free bias:
-    b += gamma * sign(mean load - load)) and resets its counter. Returns the number of MoE layers."""
+    b += gamma * sign(mean load - load)) and resets its counter. With ``step`` (0-based) and
+    ``total_steps`` a router's ``bias_update_stop_fraction`` freezes its bias late in training.
+    Returns the number of MoE layers."""
     n = 0
     for module in model.modules():
         if isinstance(module, MoELayer):
-            module.update_router_bias()
+            move = step is None or module.router_cfg.bias_moves_at(step, total_steps)
+            module.update_router_bias(move)
             n += 1
     return n

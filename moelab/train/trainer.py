@@ -389,7 +389,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_router_biases(model)  # e.g. DeepSeek-V3's aux-loss-free bias, after the step
+        update_router_biases(model, self.step, cfg.steps)  # e.g. DeepSeek-V3's aux-loss-free bias, after the step
         self.step += 1
         step_s = time.perf_counter() - t0
         parallel = None
