@@ -1,6 +1,7 @@
 """`moelab experiment routers|capacity --quick`: the CI-sized runs of the full experiments."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,13 @@ def test_aoe_strategies_quick(tmp_path):
         assert rows[f"expert_choice/{kind}"]["max_load_last20"] == pytest.approx(1.0)  # EC: balanced
         assert rows[f"expert_choice/{kind}"]["experts_per_token_last20"] == pytest.approx(2.0)
         assert rows[f"top_p/{kind}"]["experts_per_token_last20"] >= 1.0
-    assert "| top_p/aoe |" in (out / "report.md").read_text()
+        # issue 22.9: expert choice trains on the batch rule; its val loss uses the causal fallback, and the
+        # batch rule (what the paper reports) is evaluated beside it
+        ec = rows[f"expert_choice/{kind}"]
+        assert ec["eval_rule"] == "causal top-k fallback" and rows[f"top_p/{kind}"]["eval_rule"] is None
+        assert 0 < ec["val_loss_batch_rule"] < 10 and ec["val_loss_batch_rule"] != ec["val_loss"]
+    md = (out / "report.md").read_text()
+    assert "| top_p/aoe |" in md and "batch rule" in md and "sum convention" in md
 
 
 def test_routerless_cli_needs_a_source_and_others_refuse_one(tmp_path, capsys):
@@ -100,3 +107,20 @@ def test_routerless_cli_needs_a_source_and_others_refuse_one(tmp_path, capsys):
     assert "needs SOURCE" in capsys.readouterr().err
     assert main(["experiment", "capacity", "somewhere", "--out", str(tmp_path / "c")]) == 2
     assert "takes no SOURCE" in capsys.readouterr().err
+
+
+def test_aoe_aux_conventions():
+    """Issue 22.10: moelab sums each layer's L_aux (alpha * K per layer); the authors' code takes HF's loss
+    over all layers at once, alpha * K / L per layer in moelab's sum."""
+    from moelab.errors import ConfigError
+    from moelab.experiments.aoe import ablation_rows, aux_coef
+    from moelab.experiments.common import ExperimentSettings, base_config
+
+    base = base_config(ExperimentSettings(out=Path("unused"), quick=True))
+    L = sum(base.model.is_moe_layer(i) for i in range(base.model.num_layers))
+    assert aux_coef(base, "sum") == pytest.approx(0.02) and aux_coef(base, "authors") == pytest.approx(0.02 / L)
+    rows = ablation_rows(base, quick=True, convention="authors")
+    assert rows["moe+aux"][1].model.moe.router.load_balance_coef == pytest.approx(0.02 / L)
+    with pytest.raises(ConfigError, match="aoe-aux"):
+        aux_coef(base, "mean")
+

@@ -28,6 +28,9 @@ def register(sub, formatter) -> None:
     p.add_argument("--steps", type=int, help="training steps per variant (default: 300 full, 20 quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="builtin", help="corpus: builtin, a text file, a directory or a JSONL")
+    p.add_argument("--aoe-aux", default="sum", choices=("sum", "authors"),
+                   help="aoe-ablation / aoe-strategies: L_aux per MoE layer summed over layers (moelab), or over all "
+                        "layers at once as the AoE authors' code (alpha * K / L per layer)")
     p.add_argument("--json", action="store_true", help="print result.json to stdout")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_experiment)
@@ -50,7 +53,7 @@ def cmd_experiment(args) -> int:
             raise MoelabError(f"moelab experiment {args.name} takes no SOURCE (got {args.source!r}); only "
                               "routerless studies a given model")
         settings = ExperimentSettings(out=Path(args.out), quick=args.quick, seed=args.seed, steps=args.steps,
-                                      data=args.data, progress=not args.no_progress)
+                                      data=args.data, progress=not args.no_progress, aoe_aux=args.aoe_aux)
         result = EXPERIMENTS[args.name](settings)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -32,6 +32,8 @@ class ExperimentSettings:
     steps: int | None = None  # override the default number of steps
     data: str = "builtin"
     progress: bool = True
+    # AoE experiments: how L_aux combines over layers, "sum" (moelab) or "authors" (see experiments/aoe.py)
+    aoe_aux: str = "sum"
 
 
 def base_config(s: ExperimentSettings) -> TrainConfig:
@@ -110,10 +112,10 @@ def run_variant(name: str, cfg: TrainConfig, out: Path, data: RunData) -> dict:
 
 
 def finish(out: Path, experiment: str, s: ExperimentSettings, base: TrainConfig, data: RunData, rows: list[dict],
-           report: Callable[[Path, dict], None]) -> dict:
+           report: Callable[[Path, dict], None], extra: dict | None = None) -> dict:
     """Write ``result.json`` (every number) atomically, then the experiment's report; return the result."""
     result = {"experiment": experiment, "quick": s.quick, "seed": s.seed, "steps": base.steps,
-              "unigram_entropy": data.unigram_entropy, "variants": rows}
+              "unigram_entropy": data.unigram_entropy, **(extra or {}), "variants": rows}
     write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
     report(out, result)
     return result

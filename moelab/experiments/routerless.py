@@ -5,7 +5,8 @@ expert runs on every token up to a chosen node of its computation, the norm of t
 scores the expert, the top-K experts by norm finish their computation, and their outputs are combined
 with softmax over the K chosen norms (here: ``weighting="norms"``; the default ``"router"`` keeps the
 router's own gates for the chosen experts, so the study measures the selection alone). Table 1 of the
-paper uses the L2 norm, App. A Tables 6 / 7 the L1 and L-infinity norms, on Mixtral 8x7B and Phi-3.5-MoE (see ../shared/REFERENCES.md §6).
+paper uses the L2 norm, App. A Tables 6 / 7 the L1 and L-infinity norms, on Mixtral 8x7B and
+Phi-3.5-MoE (see ../shared/REFERENCES.md §6).
 
 Nodes of the SwiGLU expert E_e(x) = (act(x W_g) * x W_p) W_o (moelab: gate_EFD, up_EFD, down_EDF):
 ``x_Wg`` x W_g, ``x_Wp`` x W_p, ``act_x_Wg`` act(x W_g), ``act_x_Wg_x_Wp`` act(x W_g) * x W_p (all
