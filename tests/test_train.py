@@ -261,3 +261,35 @@ def test_tensorboard_sink_or_clear_error(tmp_path):
     log.close()
     assert any((tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+
+
+def test_mtp_losses_are_weighted_by_each_ranks_token_share():
+    """Issue 22.15: under data parallelism each MTP depth's loss is the rank's share of the global mean,
+    as the LM loss is. Two ranks with uneven targets (one row cut short by padding): the mean over the
+    ranks of share_k x L_k equals L_k of the whole batch in one process, and so does the corrected
+    objective; the plain per-rank means do not."""
+    from moelab.config import MTPConfig
+    from moelab.model import build_model
+    from moelab.train.trainer import mtp_share_correction, mtp_shares, mtp_target_counts
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, max_seq_len=32, dense_ffn_dim=48,
+                      attention=AttentionConfig(num_heads=4),
+                      moe=MoEConfig(num_experts=4, expert_ffn_dim=16, router=RouterConfig(top_k=2)),
+                      mtp=MTPConfig(num_modules=2))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 64, (4, 12))
+    labels = ids.clone()
+    labels[3, 5:] = -100  # rank 1's second row ends early: fewer targets at every depth
+    with torch.no_grad():
+        whole = model(ids, labels=labels).mtp_losses
+        ranks = [(ids[r * 2:r * 2 + 2], labels[r * 2:r * 2 + 2]) for r in range(2)]
+        outs = [model(i, labels=l).mtp_losses for i, l in ranks]
+    g = mtp_target_counts(labels, 2)
+    assert g == [int((labels[:, 2:] != -100).sum()), int((labels[:, 3:] != -100).sum())]
+    for k in range(2):
+        shared = sum(o[k] * mtp_shares(mtp_target_counts(l, 2), g, 2)[k] for o, (_, l) in zip(outs, ranks)) / 2
+        assert float(shared) == pytest.approx(float(whole[k]), rel=1e-5)
+        assert abs(float(sum(o[k] for o in outs) / 2 - whole[k])) > 1e-3  # the unweighted mean misses it
+    corrected = [sum(o) / 2 + mtp_share_correction(o, mtp_target_counts(l, 2), g, 2) for o, (_, l) in zip(outs, ranks)]
+    assert float(sum(corrected) / 2) == pytest.approx(float(sum(whole) / 2), rel=1e-5)

@@ -105,6 +105,33 @@ class Batches:
         return self.data.input_ids[idx], self.data.labels[idx]
 
 
+def mtp_target_counts(labels_BT: torch.Tensor, depths: int) -> list[int]:
+    """Targets of each MTP depth k = 1 .. ``depths`` in a batch (the model's rule: depth k scores token
+    i + k + 1 from position i, so its targets are labels[:, k + 1:]; depths a sequence is too short for
+    are left out)."""
+    T = labels_BT.shape[1]
+    return [int((labels_BT[:, k + 1:] != -100).sum()) for k in range(1, depths + 1) if T - k >= 2]
+
+
+def mtp_shares(local_counts: list[int], global_counts: list[int], world: int) -> list[float]:
+    """Per MTP depth, the factor that turns this rank's mean over its targets into its share of the
+    global mean (local targets x world / global targets; 0 where the depth has no target anywhere)."""
+    return [nl * world / ng if ng else 0.0 for nl, ng in zip(local_counts, global_counts)]
+
+
+def mtp_share_correction(mtp_losses: list[torch.Tensor], local_counts: list[int], global_counts: list[int],
+                         world: int) -> torch.Tensor:
+    """What turns the model's (1 / D_local) sum_k L_k (depths with a target on this rank) into
+    (1 / D_global) sum_k share_k L_k (depths with a target anywhere): each depth weighted by its global
+    token share, as the LM loss is."""
+    n = len(mtp_losses)
+    d_local = sum(1 for c in local_counts[:n] if c > 0)
+    d_global = sum(1 for c in global_counts[:n] if c > 0)
+    shares = mtp_shares(local_counts[:n], global_counts[:n], world)
+    wanted = sum(loss * w for loss, w in zip(mtp_losses, shares)) / max(d_global, 1)
+    return wanted - sum(mtp_losses) / max(d_local, 1)
+
+
 @torch.no_grad()
 def evaluate(model: MoETransformer, data: PackedData, batch_size: int, max_batches: int, env=None) -> dict:
     """Validation loss and perplexity, overall and per domain of the predicted token, on
@@ -316,19 +343,22 @@ class Trainer:
         return meta
 
     # ---- loop --------------------------------------------------------------------------------------
-    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The next micro-batch (this rank's share of the global one) and the factor that turns this
+    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, float, tuple | None]:
+        """The next micro-batch (this rank's share of the global one), the factor that turns this
         rank's mean token loss into its share of the global mean (1 in one process; ranks can hold
-        different numbers of real tokens when rows end in padding)."""
+        different numbers of real tokens when rows end in padding), and each MTP depth's (local, global)
+        target counts (None in one process)."""
         ids, labels = batches.next()
         if self.env is None:
-            return ids, labels, 1.0
-        n_global = int((labels[:, 1:] != -100).sum())
+            return ids, labels, 1.0, None
+        depths = len(self.model.mtp) if getattr(self.model, "mtp", None) is not None else 0
+        n_global, d_global = int((labels[:, 1:] != -100).sum()), mtp_target_counts(labels, depths)
         lo = self.env.rank * self.local_batch
         ids, labels = ids[lo:lo + self.local_batch], labels[lo:lo + self.local_batch]
         ids, labels = ids.to(self.env.device), labels.to(self.env.device)
-        n_local = int((labels[:, 1:] != -100).sum())
-        return ids, labels, n_local * self.env.world / max(n_global, 1)
+        n_local, d_local = int((labels[:, 1:] != -100).sum()), mtp_target_counts(labels, depths)
+        world = self.env.world
+        return ids, labels, n_local * world / max(n_global, 1), (d_local, d_global)
 
     def train_step(self, batches: Batches) -> dict:
         cfg, model, env = self.cfg, self.model, self.env
@@ -347,7 +377,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            ids, labels, scale = self._micro_batch(batches)
+            ids, labels, scale, mtp_counts = self._micro_batch(batches)
             # balance-loss counts over every rank's tokens (the global batch's), in the forward and in
             # activation checkpointing's recompute during backward alike
             stats = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
@@ -358,14 +388,17 @@ class Trainer:
                     loss = sum(out.aux_losses.values(), out.lm_loss.new_zeros(()))
                 else:
                     loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
+                    if mtp_counts and out.mtp_losses:  # each depth's loss as this rank's share of its global mean
+                        loss = loss + model.mtp_weight * mtp_share_correction(out.mtp_losses, *mtp_counts, env.world)
                 (loss / cfg.grad_accum).backward()
             lm_share = out.lm_loss * scale if scale else out.lm_loss.new_zeros(())
             for name, value in [("loss", loss), ("lm_loss", lm_share), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
-            for k, value in enumerate(out.mtp_losses):  # unweighted, per depth
+            for k, value in enumerate(out.mtp_losses):  # unweighted, per depth (the rank's share of the global mean)
                 if k == len(mtp_sums):
                     mtp_sums.append(0.0)
-                mtp_sums[k] += float(value.detach()) / cfg.grad_accum
+                share = mtp_shares(*mtp_counts, env.world)[k] if mtp_counts else 1.0
+                mtp_sums[k] += float(value.detach()) * share / cfg.grad_accum
             layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
             for key in ROUTING_METRICS:  # mean over MoE layers, then over micro-batches
