@@ -199,7 +199,7 @@ class MoETransformer(nn.Module):
                 labels = labels.masked_fill(~(valid_BT & prev_BT), -100)
         seq_len = start + T
         if attention_mask is not None and self.config.attention.rope_type == "longrope":
-            seq_len = int(attention_mask.sum(1).max())  # LongRoPE's scale follows the real length, not padding
+            seq_len = attention_mask.sum(1)  # (B,) real tokens per row: each row's own LongRoPE scale, as alone
         cos_TD, sin_TD = model_rope_cos_sin(self.config, positions_T if rope_positions is None else rope_positions,
                                             seq_len=seq_len)  # (T, Dh) each, or (B, T, Dh)
         x_BTD = self.embed_tokens(input_ids)

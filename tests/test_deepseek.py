@@ -11,6 +11,8 @@ from moelab.config import AttentionConfig, MLAConfig, ModelConfig, MTPConfig, Ya
 from moelab.errors import ConfigError
 from moelab.inference.generate import generate_ids
 from moelab.inference.speculative import speculative_generate_ids
+from moelab.layers import mla
+from moelab.layers.mla import MLAttention, use_absorbed
 from moelab.layers.rope import model_rope_cos_sin, yarn_inv_freq
 from moelab.model import build_model
 from moelab.presets import get_preset
@@ -278,9 +280,57 @@ def test_mla_absorbed_chunks_after_a_cache():
             for b in model.blocks:
                 b.attn.absorb = absorb
             cache, outs = model.new_cache(), []
-            for a, b in ((0, 20), (20, 23), (23, 24), (24, 30)):  # 20 > ABSORB_MAX_NEW: expanded prefill
+            for a, b in ((0, 20), (20, 23), (23, 24), (24, 30)):  # 20 tokens > 18 (use_absorbed): expanded prefill
                 outs.append(model(ids[:, a:b], cache=cache).logits)
             torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_path_by_cost_at_v3_sizes():
+    """Absorbed: (B, H, T, S) fp32 scores, 4 H T S bytes; expanded: per-head K and V, H S (N + R + V) elements.
+    V3 (H 128, N 128, R 64, V 128) in bf16: equal at T = 320 * 2 / 4 = 160 whatever S; a 512-token chunk at
+    S = 32K is 8.6 GB of scores against 2.7 GB of K and V."""
+    v3 = {"num_heads": 128, "nope_dim": 128, "rope_dim": 64, "v_dim": 128, "elem_bytes": 2}
+    assert 128 * 512 * 32768 * 4 == 8_589_934_592 and 128 * 32768 * 320 * 2 == 2_684_354_560
+    assert not use_absorbed(512, 32768, **v3)
+    assert use_absorbed(1, 32768, **v3) and use_absorbed(160, 32768, **v3) and use_absorbed(160, 160, **v3)
+    assert not use_absorbed(161, 32768, **v3) and not use_absorbed(161, 161, **v3)
+    assert use_absorbed(1, 1, num_heads=1, nope_dim=1, rope_dim=1, v_dim=1, elem_bytes=1)  # decode: always absorbed
+    assert use_absorbed(18, 64, 4, 8, 4, 6, 4) and not use_absorbed(19, 64, 4, 8, 4, 6, 4)  # mla_config() in fp32
+
+
+def test_mla_chunk_after_a_long_cache_takes_the_cheaper_path(monkeypatch):
+    """mla_config() in fp32 breaks even at T = 18: a 24-token chunk after 30 cached tokens runs expanded,
+    a 4-token chunk and a 1-token step absorbed; the logits equal the one-pass forward's."""
+    torch.manual_seed(4)
+    model = build_model(mla_config()).eval()
+    ids = torch.randint(0, 64, (2, 59))
+    paths = []
+    for name in ("_absorbed", "_expanded"):
+        method = getattr(MLAttention, name)
+        monkeypatch.setattr(MLAttention, name, lambda self, *a, m=method, n=name: paths.append(n) or m(self, *a))
+    with torch.no_grad():
+        cache, outs = model.new_cache(), []
+        for a, b in ((0, 30), (30, 54), (54, 58), (58, 59)):
+            outs.append(model(ids[:, a:b], cache=cache).logits)
+        full = model(ids).logits
+    layers = len(model.blocks)
+    assert paths == ["_expanded"] * 2 * layers + ["_absorbed"] * 2 * layers + ["_expanded"] * layers
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("absorbed", [True, False])
+def test_mla_chunked_prefill_equals_one_pass_on_either_path(monkeypatch, absorbed):
+    """Every step forced onto one path: chunks of 24 and 16 after a cache, then single tokens."""
+    torch.manual_seed(5)
+    model = build_model(mla_config()).eval()
+    monkeypatch.setattr(mla, "use_absorbed", lambda *a, **k: absorbed)
+    ids = torch.randint(0, 64, (2, 50))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache, outs = model.new_cache(), []
+        for a, b in ((0, 8), (8, 32), (32, 48), (48, 49), (49, 50)):
+            outs.append(model(ids[:, a:b], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_mtp_with_activation_checkpointing_and_short_sequences():

@@ -1,5 +1,6 @@
 """LongRoPE (Phi-3.5-MoE): config fields and their validation, YAML/JSON and tyro round-trips, the rotary
-tables against the formula, the phimoe config mapping both ways, and export -> transformers parity.
+tables against the formula, each row's own mscale in a batch, chunked prefill against transformers' cached
+forward, the phimoe config mapping both ways, and export -> transformers parity.
 Load parity against transformers on both mscale branches is in tests/parity/test_hf_parity.py."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import moelab
 from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig, load_config, save_config
 from moelab.errors import ConfigError, MoelabError
+from moelab.inference.engine import generate_batch
 from moelab.interop.hf import choose_family, hf_config_to_model_config
 from moelab.layers.rope import model_rope_cos_sin, rope_cos_sin
 from tests.parity.hf_models import LLAMA, LONGROPE, max_rel_diff
@@ -143,6 +145,53 @@ def test_kv_cache_decoding_equals_full_forward_across_the_switch():
                                    rtol=0, atol=1e-5)
 
 
+def _sharp(model):
+    """q/k/v/o x10: sharp attention, so the rotary tables' mscale moves the logits well past fp32 noise."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                p.mul_(10.0)
+    return model.eval()
+
+
+def test_batched_rows_take_their_own_mscale():
+    """Rows of 15 and 24 tokens (original max 16) left-padded into one batch, prefill then two cached steps
+    (row 0 reaches 16, then 17: long): each row gets the logits it gets alone, as its mscale follows its own
+    length (real tokens, cache included), not the batch's longest row."""
+    torch.manual_seed(0)
+    model = _sharp(moelab.build_model(_model(_longrope())))
+    rows = [torch.randint(0, 96, (n + 2,)) for n in (15, 24)]
+
+    def run(ids_BT, mask_BT, n):  # prefill of n columns, then the last two columns one at a time
+        cache = model.new_cache()
+        outs = [model(ids_BT[:, :n], cache=cache, attention_mask=mask_BT[:, :n]).logits]
+        for t in (n, n + 1):
+            outs.append(model(ids_BT[:, t:t + 1], cache=cache, attention_mask=mask_BT[:, :t + 1]).logits)
+        return torch.cat(outs, dim=1)
+
+    ids_BT, mask_BT = torch.zeros(2, 26, dtype=torch.long), torch.zeros(2, 26, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids_BT[b, 26 - len(r):], mask_BT[b, 26 - len(r):] = r, 1
+    with torch.no_grad():
+        batch = run(ids_BT, mask_BT, 24)
+        for b, r in enumerate(rows):
+            alone = run(r[None], torch.ones(1, len(r), dtype=torch.long), len(r) - 2)
+            assert max_rel_diff(batch[b, 26 - len(r):], alone[0]) <= 1e-5
+
+
+def test_engine_rows_across_the_switch_equal_each_row_alone():
+    """generate_batch: a 12-token prompt beside a 20-token one (original max 16) decodes across the switch
+    with the log-probabilities it has alone."""
+    torch.manual_seed(1)
+    model = _sharp(moelab.build_model(_model(_longrope())))
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (12, 20)]
+    batch = generate_batch(model, prompts, max_new_tokens=8)
+    for p, got in zip(prompts, batch):
+        alone = generate_batch(model, [p], max_new_tokens=8)[0]
+        assert got.token_ids == alone.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, alone.logprobs)) <= 1e-5
+
+
 # ---- HF interop ------------------------------------------------------------------------------------
 
 def test_published_phi_3_5_moe_config_maps_its_longrope():
@@ -191,6 +240,30 @@ def test_only_phimoe_exports_longrope():
         "short_mscale": 1.2, "long_mscale": 1.6, "original_max_position_embeddings": 16}
     with pytest.raises(MoelabError, match="mixtral: .*attention.rope_type=longrope"):
         choose_family(dataclasses.replace(cfg, moe=MoEConfig(num_experts=4, expert_ffn_dim=24)), family="mixtral")
+
+
+@pytest.mark.parametrize("chunks", [(17, 24), (5, 16), (12, 24), (12, 16, 17, 24)])
+def test_chunked_prefill_scales_each_forward_by_its_length_as_transformers(tmp_path, chunks):
+    """Chunk ends (original max 16): each forward's mscale follows its own final length, cache included, in
+    transformers' cached forward as in moelab, so a chunked prefill equals the one pass only when every
+    chunk ends on the full length's side of the switch; (12, 24) and (12, 16, 17, 24) cross it and differ."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = _sharp(moelab.build_model(_model(_longrope())))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(moelab.export_hf(model, tmp_path / "hf")).eval()
+    ids = torch.randint(0, 96, (1, chunks[-1]), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        cache, past, outs, refs = model.new_cache(), None, [], []
+        for a, b in zip((0,) + chunks, chunks):
+            outs.append(model(ids[:, a:b], cache=cache).logits)
+            ref = hf(ids[:, a:b], cache=past, use_cache=True)
+            refs.append(ref.logits)
+            past = ref.past_key_values
+        chunked, full = torch.cat(outs, dim=1), model(ids).logits
+    assert max_rel_diff(chunked, torch.cat(refs, dim=1)) <= 1e-5
+    crosses = any((b > 16) != (chunks[-1] > 16) for b in chunks)
+    assert (max_rel_diff(chunked, full) <= 1e-5) != crosses
 
 
 @pytest.mark.parametrize("T", [8, 24])

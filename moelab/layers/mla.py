@@ -13,8 +13,9 @@ Two computations of the same function:
   qk_rope_head_dim numbers per token and layer (576 for V2/V3 against 2 * 128 * 128 = 32768 for
   MHA). W_UK is absorbed into the query (q~_i = W_UK,i^T q_C,i, a kv_lora_rank vector per head),
   scores are q~_i . c_KV + q_R,i . k_R, and W_UV is applied after the weighted sum of latents.
-``MLAttention.absorb`` selects the second path with a cache (default True; a prefill of more than
-ABSORB_MAX_NEW tokens still runs expanded, then caches the latents); tests check both agree.
+With a cache, ``use_absorbed`` picks the path with the smaller attention tensors for each forward (a
+single-token decode step: absorbed; a prefill or a long chunk: expanded); the cache keeps the latents
+either way. ``MLAttention.absorb = False`` forces the expanded path; tests check both agree.
 
 Softmax scale: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim), times mscale(factor, mscale_all_dim)^2
 with YaRN (as transformers applies it whenever the RoPE type is not default).
@@ -35,8 +36,14 @@ from moelab.layers.norm import RMSNorm
 from moelab.layers.rope import apply_rope, deinterleave
 
 
-# With a cache, at most this many new tokens on an empty cache are run absorbed (more: expanded).
-ABSORB_MAX_NEW = 16
+def use_absorbed(T: int, S: int, num_heads: int, nope_dim: int, rope_dim: int, v_dim: int, elem_bytes: int) -> bool:
+    """Whether T new tokens against S key positions cost less absorbed than expanded, by the bytes of the
+    tensors each path builds per row: (H, T, S) fp32 scores, 4 H T S bytes, against per-head K and V,
+    H S (N + R + V) elements of ``elem_bytes``. S cancels: absorbed while T <= (N + R + V) elem_bytes / 4,
+    160 tokens for V3 in bf16 (a 512-token chunk at S = 32K: 8.6 GB of scores against 2.7 GB of K and V).
+    FLOPs break even at nearly the same T (T (2C - N - V) = C (N + V): 171 for V3). A single token is
+    always absorbed."""
+    return T == 1 or 4 * num_heads * T * S <= num_heads * S * (nope_dim + rope_dim + v_dim) * elem_bytes
 
 
 class MLAttention(nn.Module):
@@ -61,7 +68,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * m.v_head_dim, d, bias=a.out_bias)
         self.scale = qk ** -0.5 * (a.yarn.softmax_factor() if a.yarn is not None else 1.0)
-        self.absorb = True
+        self.absorb = True  # False: the expanded path with a cache too (use_absorbed picks otherwise)
 
     def _query(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.q_proj is not None:
@@ -81,12 +88,12 @@ class MLAttention(nn.Module):
         c_BTC, k_rope_BTR = self.kv_a_proj(x_BTD).split([C, R], dim=-1)
         c_B1TC = self.kv_a_norm(c_BTC)[:, None]  # (B, 1, T, C): the "one head" layout of the cache
         k_rope_B1TR = self._rope(k_rope_BTR[:, None], cos_TR, sin_TR)
-        # absorbed when decoding a few tokens after a cache; a prefill (or a long chunk) is cheaper
-        # expanded, through SDPA, than as (B, H, T, S) fp32 scores; the cache keeps only latents either way
-        absorb = self.absorb and cache is not None and (cache.length > 0 or T <= ABSORB_MAX_NEW)
         k_pos_S, k_valid_BS = positions_T, valid_BT
         if cache is not None:  # now S = cached + new positions
             c_B1TC, k_rope_B1TR, k_pos_S, k_valid_BS = cache.update(c_B1TC, k_rope_B1TR, valid_BT)
+        # the cache keeps only latents either way; the path is the one with the smaller tensors
+        absorb = self.absorb and cache is not None and use_absorbed(T, k_pos_S.shape[0], H, N, R, self.v_dim,
+                                                                    c_B1TC.element_size())
         mask = self._mask(positions_T, k_pos_S, k_valid_BS)
         if absorb:
             o_BHTV = self._absorbed(q_nope_BHTN, q_rope_BHTR, c_B1TC, k_rope_B1TR, mask)

@@ -59,9 +59,17 @@ def rope_cos_sin(positions_T: torch.Tensor, head_dim: int, theta: float, factors
     return emb_TD.cos() * mscale, emb_TD.sin() * mscale
 
 
-def model_rope_cos_sin(config: ModelConfig, positions_T: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, Dh) for the RoPE variant of ``config.attention``; ``seq_len`` is the largest
-    position + 1 (cache length + new tokens), which picks LongRoPE's mscale."""
+def model_rope_cos_sin(config: ModelConfig, positions_T: torch.Tensor,
+                       seq_len: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, Dh), or (B, T, Dh) for (B, T) positions, for the RoPE variant of ``config.attention``.
+
+    ``seq_len`` picks LongRoPE's mscale for all of this forward's tokens: the length at the end of the
+    forward, cache included (largest position + 1), or (B,) lengths, one per row, with (B, T) positions.
+    This is transformers' rule (``max(position_ids) + 1``) in its cached generation too: each forward
+    (prefill chunk, decode or verify step) takes the scale of its own length and cached keys keep theirs,
+    so a chunked prefill equals the one pass only when every chunk ends on the full length's side of
+    ``rope_original_max_len``. Per row, where transformers takes the batch's largest position, so a row
+    computes in a batch what it computes alone."""
     a = config.attention
     dim = config.rope_dim
     if a.rope_type == "default":
@@ -70,11 +78,15 @@ def model_rope_cos_sin(config: ModelConfig, positions_T: torch.Tensor, seq_len: 
         inv_freq_H = yarn_inv_freq(dim, a.rope_theta, a.yarn, positions_T.device)
         return rope_cos_sin(positions_T, dim, a.rope_theta, mscale=a.yarn.cos_sin_factor(), inv_freq_H=inv_freq_H)
     # NOTE: Microsoft's original Phi-3.5-MoE remote code switches to rope_long_factor once the sequence
-    # is longer than rope_original_max_len. transformers (5.23 PhimoeRotaryEmbedding.forward calls its
+    # is longer than rope_original_max_len. transformers (5.23-5.25: PhimoeRotaryEmbedding.forward calls its
     # rope_init_fn without seq_len) uses rope_short_factor at every length and switches only the mscale.
     # moelab follows transformers, for logit parity with it; past rope_original_max_len the logits
     # therefore differ from the remote code's.
     short_mscale, long_mscale = config.rope_mscales()
+    if isinstance(seq_len, torch.Tensor):  # (B,) lengths: the mscale of each row
+        cos_BTD, sin_BTD = rope_cos_sin(positions_T, dim, a.rope_theta, factors=a.rope_short_factor)
+        mscale_B11 = torch.where(seq_len > a.rope_original_max_len, long_mscale, short_mscale)[:, None, None]
+        return cos_BTD * mscale_B11, sin_BTD * mscale_B11
     mscale = long_mscale if seq_len > a.rope_original_max_len else short_mscale
     return rope_cos_sin(positions_T, dim, a.rope_theta, factors=a.rope_short_factor, mscale=mscale)
 
