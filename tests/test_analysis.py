@@ -322,6 +322,13 @@ def test_neuron_matching_is_per_matrix():
     for k in ("gate", "up", "down"):
         assert matched[k][0][1] == pytest.approx(1.0, abs=1e-6), k
         assert matched[k][1][0] == matched[k][0][1] and matched[k][0][0] == 1.0
+    # one permutation shared by the three matrices (the same function, neurons reordered) matches too
+    with torch.no_grad():
+        ex.gate_EFD[2] = ex.gate_EFD[0][perms["gate"]]
+        ex.up_EFD[2] = ex.up_EFD[0][perms["gate"]]
+        ex.down_EDF[2] = ex.down_EDF[0][:, perms["gate"]]
+    shared = similarity.neuron_matched_similarity(layer)
+    assert all(shared[k][0][2] == pytest.approx(1.0, abs=1e-6) for k in ("gate", "up", "down"))
     # Kendall's tau of each matrix's matching against the identity, by scipy on the planted permutation
     from scipy.stats import kendalltau
 

@@ -267,3 +267,25 @@ def test_weighting_keeps_the_router_gate_rule_and_its_scale():
         with routerless(constructed_model(), weighting="softmax"):
             pass
 
+
+
+@pytest.mark.parametrize("router", [
+    RouterConfig(type="topk", top_k=2, routed_scaling_factor=2.0),  # topk ignores the scale
+    RouterConfig(type="topk", top_k=2, softmax_order="softmax_then_topk", norm_topk_prob=True, topk_norm_p=2.0),
+    RouterConfig(type="topk", top_k=2, softmax_order="softmax_then_topk"),
+    RouterConfig(type="switch", top_k=1, norm_topk_prob=True, routed_scaling_factor=2.0),  # Switch: p_max, unscaled
+    RouterConfig(type="deepseek_v2", top_k=2, routed_scaling_factor=16.0),
+    RouterConfig(type="deepseek_v3", top_k=2, routed_scaling_factor=2.5),
+], ids=["topk-scale-ignored", "topk-p2", "topk-unnormalised", "switch", "deepseek_v2", "deepseek_v3"])
+def test_router_gates_reproduce_each_routers_own_gates(router):
+    """Given the experts the router itself picks, router_gates gives exactly the router's weights."""
+    from moelab.experiments.routerless import gates_sum_to_one, router_gates
+
+    layer = build_model(small_config(router=router)).eval().moe_layers()[0]
+    x = torch.randn(10, 32)
+    with torch.no_grad():
+        r = layer.router(x)
+        K = router.top_k
+        torch.testing.assert_close(router_gates(layer, x, r.expert_idx_A.view(10, K)), r.weight_A.view(10, K))
+    assert gates_sum_to_one(router) == (router.type == "topk" and router.softmax_order == "topk_then_softmax"
+                                        or router.type == "deepseek_v3")

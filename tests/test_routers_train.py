@@ -61,3 +61,5 @@ def test_bias_freezes_after_its_stop_fraction():
     assert torch.equal(biases[2], biases[1]) and torch.equal(biases[3], biases[1])
     with pytest.raises(Exception, match="bias_update_stop_fraction"):
         RouterConfig(type="topk", bias_update_stop_fraction=0.9)
+    with pytest.raises(Exception, match="total steps"):  # a stop fraction needs the run's length
+        update_router_biases(model, 0)

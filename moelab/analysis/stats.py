@@ -193,6 +193,6 @@ def router_vs_norm(top1_N: np.ndarray, norms_NE: np.ndarray, scores_NE: np.ndarr
     bias, a balancing device) enters neither. ``top1_N`` marks the tokens with an expert."""
     ok = top1_N >= 0
     frac = float((norms_NE[ok].argmax(axis=1) == scores_NE[ok].argmax(axis=1)).mean()) if ok.any() else None
-    m = rank_matrix(norms_NE, scores_NE.astype(np.float32))
+    m = rank_matrix(norms_NE[ok], scores_NE[ok].astype(np.float32))  # the same tokens as the fraction
     return {"top1_is_max_norm": frac, "random": 1.0 / norms_NE.shape[1], "rank_matrix": m.tolist(),
             "diagonal_frac": float(np.trace(m) / max(m.sum(), 1))}

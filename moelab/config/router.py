@@ -221,9 +221,12 @@ class RouterConfig:
         """The losses with a coefficient > 0 (what training adds and logs)."""
         return {k: v for k, v in self.loss_coefs().items() if v > 0}
 
-    def bias_moves_at(self, step: int, total_steps: int) -> bool:
+    def bias_moves_at(self, step: int, total_steps: int | None) -> bool:
         """Whether the aux-free bias is updated after optimizer step ``step`` (0-based) of ``total_steps``."""
         stop = self.bias_update_stop_fraction
+        if stop is not None and total_steps is None:
+            raise ConfigError("router.bias_update_stop_fraction", stop,
+                              "needs the run's total steps: call update_router_biases(model, step, total_steps)")
         return stop is None or step < stop * total_steps
 
     @property

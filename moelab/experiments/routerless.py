@@ -104,21 +104,37 @@ def router_gates(layer, x_CD: torch.Tensor, idx_CK: torch.Tensor) -> torch.Tenso
                           f"use weighting='norms' (router gates exist for {', '.join(GATED_ROUTERS)})")
     logits_CE = layer.router.logits(x_CD)  # fp32
     if cfg.type == "topk" and cfg.softmax_order == "topk_then_softmax":
-        return logits_CE.gather(-1, idx_CK).softmax(dim=-1) * cfg.routed_scaling_factor
+        return logits_CE.gather(-1, idx_CK).softmax(dim=-1)
     sigmoid = cfg.type == "deepseek_v3"
     scores_CE = torch.sigmoid(logits_CE) if sigmoid else logits_CE.softmax(dim=-1)
     w_CK = scores_CE.gather(-1, idx_CK)
-    if (cfg.norm_topk_prob is None and sigmoid) or cfg.norm_topk_prob:
-        p = cfg.topk_norm_p
+    if _renormalises(cfg):
+        p = cfg.topk_norm_p if cfg.type == "topk" else 1.0
         w_CK = w_CK / (w_CK.sum(dim=-1, keepdim=True) if p == 1.0
                        else torch.linalg.vector_norm(w_CK, ord=p, dim=-1, keepdim=True))
-    return w_CK * cfg.routed_scaling_factor
+    return w_CK * _scale(cfg)
+
+
+def _renormalises(cfg) -> bool:
+    """Whether the router divides its chosen scores by their sum (or p-norm), as its own code does:
+    top-k softmax-then-top-k and DeepSeek-V2 with norm_topk_prob, DeepSeek-V3 unless it is False;
+    Switch never (its top-1 gate is p_max)."""
+    if cfg.type == "deepseek_v3":
+        return cfg.norm_topk_prob is None or bool(cfg.norm_topk_prob)
+    return cfg.type in ("topk", "deepseek_v2") and bool(cfg.norm_topk_prob)
+
+
+def _scale(cfg) -> float:
+    """routed_scaling_factor where the router applies it (DeepSeek's routers; top-k and Switch ignore it)."""
+    return cfg.routed_scaling_factor if cfg.type in ("deepseek_v2", "deepseek_v3") else 1.0
 
 
 def gates_sum_to_one(cfg) -> bool:
-    """Whether the router's own K gates sum to 1 before its routed_scaling_factor."""
-    return (cfg.type == "topk" and cfg.softmax_order == "topk_then_softmax") or bool(
-        cfg.norm_topk_prob or (cfg.norm_topk_prob is None and cfg.type == "deepseek_v3"))
+    """Whether the router's own K gates sum to 1 before its routed_scaling_factor (a p-norm other than 1
+    does not make them sum to 1)."""
+    if cfg.type == "topk" and cfg.softmax_order == "topk_then_softmax":
+        return True
+    return _renormalises(cfg) and (cfg.type != "topk" or cfg.topk_norm_p == 1.0)
 
 
 def _select_chunk(layer, x_CD: torch.Tensor, node: str, norm: str, weighting: str):
@@ -134,7 +150,7 @@ def _select_chunk(layer, x_CD: torch.Tensor, node: str, norm: str, weighting: st
     if weighting == "router":
         weight_CK = router_gates(layer, x_CD, idx_CK)
     else:
-        weight_CK = top_CK.softmax(dim=-1) * (cfg.routed_scaling_factor if gates_sum_to_one(cfg) else 1.0)
+        weight_CK = top_CK.softmax(dim=-1) * (_scale(cfg) if gates_sum_to_one(cfg) else 1.0)
     tok_A, exp_A = torch.arange(C, device=x_CD.device).repeat_interleave(K), idx_CK.reshape(-1)
     y_AD = x_CD.new_empty(C * K, D)
     for e in exp_A.unique().tolist():  # each chosen expert finishes on its rows only
