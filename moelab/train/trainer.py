@@ -394,11 +394,11 @@ class Trainer:
             lm_share = out.lm_loss * scale if scale else out.lm_loss.new_zeros(())
             for name, value in [("loss", loss), ("lm_loss", lm_share), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            shares = mtp_shares(*mtp_counts, env.world) if mtp_counts else [1.0] * len(out.mtp_losses)
             for k, value in enumerate(out.mtp_losses):  # unweighted, per depth (the rank's share of the global mean)
                 if k == len(mtp_sums):
                     mtp_sums.append(0.0)
-                share = mtp_shares(*mtp_counts, env.world)[k] if mtp_counts else 1.0
-                mtp_sums[k] += float(value.detach()) * share / cfg.grad_accum
+                mtp_sums[k] += float(value.detach()) * shares[k] / cfg.grad_accum
             layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
             for key in ROUTING_METRICS:  # mean over MoE layers, then over micro-batches
