@@ -12,23 +12,30 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint.integrity import MANIFEST, verify_file
 from moelab.checkpoint.layout import CONFIG
 from moelab.checkpoint.model_files import load_model
 from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import CheckpointError
 from moelab.model import MoETransformer
 
+TOKENIZER = "tokenizer.json"
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoETransformer:
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         allow_unverified: bool | None = None) -> MoETransformer:
     """Load a model in eval mode from a moelab model, checkpoint or run directory, or an HF model
-    directory (``dtype=None`` keeps an HF checkpoint's own dtype)."""
+    directory (``dtype=None`` keeps an HF checkpoint's own dtype). A moelab directory is verified against
+    its manifest; one without a manifest loads with a warning (``allow_unverified=True`` or
+    ``MOELAB_ALLOW_UNVERIFIED=1``: silently, for directories from before manifests)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if (path / "checkpoints").is_dir():  # a training run: its latest checkpoint
-        model = load_model(resolve_checkpoint(path), dtype=dtype, device=device, verify=False)  # verified
+        ckpt = resolve_checkpoint(path, allow_unverified=allow_unverified)  # verified (or warned about)
+        model = load_model(ckpt, dtype=dtype, device=device, verify=False)
     elif (path / CONFIG).is_file():
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, allow_unverified=allow_unverified)
     elif (path / "config.json").is_file():  # a Hugging Face model directory
         from moelab.interop.hf import load_hf
 
@@ -40,12 +47,18 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     return model
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside a model: ``tokenizer.json`` in the checkpoint, run or model directory."""
+def load_tokenizer(path: str | os.PathLike, allow_unverified: bool | None = None):
+    """The tokenizer saved beside a model: ``tokenizer.json`` in the checkpoint, run or model directory,
+    checked against the directory's manifest when it has one (a moelab directory without one loads
+    with a warning, as :func:`load` does; an HF directory has none)."""
     from moelab.data import Tokenizer
 
     path = Path(path)
-    for candidate in ((path / "checkpoints").is_dir() and resolve_checkpoint(path), path):
-        if candidate and (Path(candidate) / "tokenizer.json").is_file():
-            return Tokenizer.load(Path(candidate) / "tokenizer.json")
-    raise CheckpointError(f"{path}: no tokenizer.json; generation needs the tokenizer saved with the model")
+    directory = resolve_checkpoint(path, allow_unverified=allow_unverified) if (path / "checkpoints").is_dir() \
+        else path
+    tok = directory / TOKENIZER
+    if not tok.is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json; generation needs the tokenizer saved with the model")
+    if (directory / MANIFEST).is_file() or (directory / CONFIG).is_file():  # written by moelab, with a manifest
+        verify_file(directory, TOKENIZER, allow_unverified=allow_unverified)
+    return Tokenizer.load(tok)

@@ -337,7 +337,7 @@ def test_no_load_path_unpickles():
             assert "weights_only=True" in m.group(1), f"{path}: {m.group(0)}"
         assert not re.search(r"pickle\.loads?\(|cloudpickle|dill\.", text), path
         if "Unpickler" in text:
-            assert path.relative_to(root).as_posix() == "checkpoint/distributed.py" and "find_class" in text, path
+            assert path.relative_to(root).as_posix() == "checkpoint/dcp_metadata.py" and "find_class" in text, path
 
 
 def test_a_run_that_fails_before_starting_leaves_no_directory(tmp_path):

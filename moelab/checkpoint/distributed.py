@@ -11,6 +11,14 @@ and any other layout (another number of ranks, another ep, or one process) reads
 It is written into a temp directory and renamed by rank 0 after every rank has finished, so a
 checkpoint directory is either complete or absent.
 
+Scale: each rank fsyncs and hashes its own files (its ``.distcp`` shards and RNG file), all at once,
+and rank 0 gathers the digests into the manifest, so a save costs one rank's share of the hashing
+(``moelab bench ckpt`` projects it for a 671B model) and no rank waits while another hashes every
+shard. Before the manifest is written every file ``dcp/.metadata`` names and every rank's RNG file
+must be there (:mod:`moelab.checkpoint.dcp_metadata`); then ``dcp/`` and the temp directory are
+fsynced and renamed. Resume and rollback choose the checkpoint together (each rank hashes a share of
+every candidate, rank 0 decides), see :func:`moelab.checkpoint.run.choose_checkpoint`.
+
 Safe loading: DCP pickles its ``.metadata`` and would unpickle non-tensor entries. moelab saves
 tensors only, reads the metadata with an unpickler that admits DCP's own metadata classes and
 nothing else, and refuses a checkpoint holding pickled objects.
@@ -18,10 +26,8 @@ nothing else, and refuses a checkpoint holding pickled objects.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import random
 import shutil
 import warnings
@@ -40,47 +46,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from moelab.checkpoint.atomic import fsync_dir
-from moelab.checkpoint.integrity import write_manifest
+from moelab.checkpoint.dcp_metadata import check_dcp_files, rank_files, read_dcp_metadata, rng_file
+from moelab.checkpoint.integrity import file_digest, write_manifest
 from moelab.checkpoint.layout import CHECKPOINTS, CONFIG, DCP_DIR, STATE_JSON
 from moelab.checkpoint.run import prune
 from moelab.config import save_config
 from moelab.errors import CheckpointError
-
-_ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
-                                              "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
-                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
-    "torch": {"Size"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if name in _ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                   torch.dtype)):
-            return super().find_class(module, name)
-        raise CheckpointError(f"DCP metadata refers to {module}.{name}, which is not a checkpoint metadata class; "
-                              "moelab does not unpickle arbitrary objects (the file may be malicious)")
+from moelab.fileio import fsync_dir, fsync_path
 
 
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose metadata unpickler admits DCP's metadata classes only and which refuses
-    pickled (non-tensor) entries, so loading never runs code from the checkpoint."""
+    """FileSystemReader whose metadata unpickler admits DCP's metadata classes only, which refuses
+    pickled (non-tensor) entries and file names leaving ``dcp/``, so loading never runs code from the
+    checkpoint nor reads outside it."""
 
     def read_metadata(self, *args, **kwargs):
         path = Path(self.path) / ".metadata"
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; not a complete distributed checkpoint")
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); it may be truncated") from e
+        metadata = read_dcp_metadata(Path(self.path))
         pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
         if pickled:
             raise CheckpointError(f"{path}: entries {pickled[:3]} are pickled objects; moelab checkpoints hold "
@@ -109,9 +91,35 @@ def _tensor_state(model, optimizer) -> tuple[dict, list | None]:
     return state, groups
 
 
+def _own_files(tmp: Path, rank: int) -> dict[str, dict]:
+    """This rank's files in the checkpoint (its DCP shards and RNG file), fsynced and hashed here, in
+    parallel with every other rank: {relative path: {size, sha256}}."""
+    entries = {}
+    for p in [*rank_files(tmp / DCP_DIR, rank), tmp / rng_file(rank)]:
+        fsync_path(p)
+        size, digest = file_digest(p)
+        entries[p.relative_to(tmp).as_posix()] = {"size": size, "sha256": digest}
+    return entries
+
+
+def _gather_to_main(obj, env) -> list | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere)."""
+    out = [None] * env.world if env.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _broadcast_from_main(obj, env):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position, run_config,
                                 tokenizer, keep_last: int, env, extra: dict | None = None) -> Path:
-    """Every rank calls this; rank 0 writes the small files and publishes the directory."""
+    """Every rank calls this: each writes, fsyncs and hashes its own shards and RNG file; rank 0 writes
+    the small files, checks the directory against ``dcp/.metadata``, writes the manifest from the
+    gathered digests and publishes the directory. A failure on any rank raises on every rank."""
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-dcp"
@@ -120,30 +128,54 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         tmp.mkdir(parents=True)
     env.barrier()
     state, groups = _tensor_state(model, optimizer)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
-    torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))  # fsyncs each shard
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    torch.save(_rng_state(), tmp / rng_file(env.rank))
+    try:
+        mine: dict | str = _own_files(tmp, env.rank)
+    except OSError as e:
+        mine = f"rank {env.rank}: {e}"
+    gathered = _gather_to_main(mine, env)
+    error = None
     if env.is_main:
-        save_config(model.config if hasattr(model, "config") else run_config.model, tmp / CONFIG)
-        run_config.save(tmp / "run_config.yaml")
-        tokenizer.save(tmp / "tokenizer.json")
-        meta = {"step": step, "epoch": position.epoch, "index": position.index, "format": "dcp",
-                "world": env.world, "dp": env.dp, "ep": env.ep, "scheduler": scheduler.state_dict(),
-                "param_groups": groups, **(extra or {})}
-        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    env.barrier()
+        try:
+            failed = [g for g in gathered if isinstance(g, str)]
+            if failed:
+                raise CheckpointError(f"could not flush or hash the shards of {'; '.join(failed)}")
+            save_config(model.config if hasattr(model, "config") else run_config.model, tmp / CONFIG)
+            run_config.save(tmp / "run_config.yaml")
+            tokenizer.save(tmp / "tokenizer.json")
+            meta = {"step": step, "epoch": position.epoch, "index": position.index, "format": "dcp",
+                    "world": env.world, "dp": env.dp, "ep": env.ep, "scheduler": scheduler.state_dict(),
+                    "param_groups": groups, **(extra or {})}
+            (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+            known = {rel: e for g in gathered for rel, e in g.items()}
+            check_dcp_files(tmp, entries=known)  # every shard .metadata names and every RNG file, hashed
+            write_manifest(tmp, known=known)  # hashes the small files; fsyncs them, dcp/ and tmp/
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                fsync_dir(root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            fsync_dir(root)
+        except (OSError, CheckpointError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"could not write checkpoint {target.name}: {e}"
+    error = _broadcast_from_main(error, env)
+    if error:
+        raise CheckpointError(error)
     if env.is_main:
-        write_manifest(tmp)  # every rank's shards are on disk: record and publish
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(root)
         prune(run_dir, keep_last)
     env.barrier()
     return target
+
 
 
 def read_meta(ckpt: Path) -> dict:
@@ -176,14 +208,19 @@ def load_distributed_checkpoint(ckpt: Path, model, optimizer=None, scheduler=Non
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": groups})
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    if optimizer is not None:
+    if optimizer is not None:  # training resumes: this rank's RNG (a rank beyond the saved world reuses the last)
         saved_world = int(meta.get("world", 1))
-        rng = ckpt / f"rng_rank{min(rank, saved_world - 1)}.pt"
-        if rng.is_file():
+        rng = ckpt / rng_file(min(rank, saved_world - 1))
+        if not rng.is_file():
+            raise CheckpointError(f"{rng}: missing; the checkpoint of {saved_world} ranks is incomplete, resume "
+                                  "from an earlier checkpoint")
+        try:
             s = torch.load(rng, map_location="cpu", weights_only=True)
-            torch.set_rng_state(s["torch_rng"])
-            version, internal, gauss = s["python_rng"]
-            random.setstate((version, tuple(internal), gauss))
+        except Exception as e:
+            raise CheckpointError(f"{rng}: unreadable RNG state ({e}); it may be truncated") from e
+        torch.set_rng_state(s["torch_rng"])
+        version, internal, gauss = s["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
     return meta
 
 

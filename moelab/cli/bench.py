@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "distributed", "all"]
+NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "distributed", "ckpt", "all"]
 
 
 def register(sub, formatter) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks (moe-layer, train, generate, engine, aoe, kv-cache, speculative, "
-                            "distributed, all)",
+                            "distributed, ckpt, all)",
                        formatter_class=formatter,
                        description="Time moelab against transformers (or AoE against MoE) side by side in one "
                                    "process, with identical weights and outputs checked equal first; report ratios. "
                                    "`all` runs every benchmark and writes BENCHMARKS.md.",
                        epilog="examples:\n  moelab bench moe-layer --shape fine-grained\n"
                               "  moelab bench train --json\n  moelab bench distributed   # 1 vs 2 processes\n  moelab bench aoe --preset tiny --out runs/bench_aoe\n"
+                              "  moelab bench ckpt --out runs/bench_ckpt   # checkpoint save/verify cost, 671B projection\n"
                               "  moelab bench all --markdown BENCHMARKS.md   # what `make bench` runs")
     p.add_argument("name", choices=NAMES)
     p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.harness")
@@ -30,6 +31,7 @@ def register(sub, formatter) -> None:
                    help="generate: add moelab with torch.compile'd blocks (compiling takes about a minute)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", help="ckpt: measure the disk of this directory (default: the system's temp directory)")
     p.add_argument("--out", help="write result.json and report.md/.html here")
     p.add_argument("--markdown", help="all: write the BENCHMARKS.md table here")
     p.add_argument("--json", action="store_true", help="print result.json to stdout")
@@ -44,6 +46,14 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.name == "ckpt":  # a disk and hashing measurement, not a side-by-side race: not part of `all`
+        from moelab.bench.ckpt import bench_ckpt, summary, write_bench as write_ckpt
+
+        result = bench_ckpt(quick=args.quick, reps=args.reps, directory=args.dir)
+        if args.out:
+            write_ckpt(result, Path(args.out))
+        print(json.dumps(result, indent=1) if args.json else "\n".join(summary(result)))
+        return 0
     reps = args.reps or (1 if args.quick else 5)
     shapes = args.shape or list(harness.SHAPES)
     results = {}
