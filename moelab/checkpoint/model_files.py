@@ -36,11 +36,13 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
     save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "library": "moelab"})
 
 
-def save_model(model: MoETransformer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
+def save_model(model: MoETransformer, directory: str | os.PathLike, extra_files: dict | None = None,
+               force: bool = False) -> Path:
     """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically, with a manifest;
-    ``extra_files``: {name: source path} copied in first (a tokenizer), so the manifest covers them."""
+    ``extra_files``: {name: source path} copied in first (a tokenizer), so the manifest covers them.
+    An existing ``directory`` is replaced only when moelab wrote all of it, or with ``force``."""
     directory = Path(directory)
-    with atomic_directory(directory, manifest=True) as tmp:
+    with atomic_directory(directory, manifest=True, kind="moelab-model", force=force) as tmp:
         write_model_files(model, tmp)
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
@@ -73,13 +75,16 @@ def load_state_strict(model: MoETransformer, state: dict[str, torch.Tensor], sou
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", verify: bool = True) -> MoETransformer:
-    """Load a directory written by :func:`save_model` (or a moelab checkpoint) in eval mode."""
+               device: str | torch.device = "cpu", verify: bool = True,
+               allow_unverified: bool | None = None) -> MoETransformer:
+    """Load a directory written by :func:`save_model` (or a moelab checkpoint) in eval mode. Every such
+    directory has a manifest, which must match file by file; without one it loads with a warning
+    (``allow_unverified``, default ``MOELAB_ALLOW_UNVERIFIED``: silently, for one from before manifests)."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG}; not a moelab model or checkpoint directory")
-    if verify:  # a directory with a manifest must match it, file by file
-        verify_directory(directory)
+    if verify:
+        verify_directory(directory, allow_unverified=allow_unverified)
     cfg = load_config(directory / CONFIG)
     if not (directory / WEIGHTS).is_file() and (directory / DCP_DIR).is_dir():  # saved by a multi-process run
         from moelab.checkpoint.distributed import load_distributed_checkpoint

@@ -30,7 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
                      analyze.register, bench.register, evaluate.register, ckpt.register, compare.register,
                      experiment.register):  # in `moelab --help` order
         register(sub, _Formatter)
+    for p in _leaf_parsers(parser):  # every command that writes into --out, bar train and ckpt torture
+        if any(a.dest == "out" for a in p._actions) and p.prog.split()[1] not in OWN_OUT_RULES:
+            p.add_argument("--force", action="store_true",
+                           help="write into --out even when it is a non-empty directory moelab did not write")
+            p.set_defaults(check_out=True)
     return parser
+
+
+# commands with their own --out rules: train (a new run needs an empty directory), ckpt (torture)
+OWN_OUT_RULES = ("train", "ckpt")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+        return
+    for child in dict.fromkeys(subs[0].choices.values()):  # aliases map to the same parser
+        yield from _leaf_parsers(child)
 
 
 def _late_positionals(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -67,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "check_out", False) and getattr(args, "out", None):
+            from moelab.checkpoint.atomic import prepare_output_dir
+
+            # before any work: a plain file or someone else's directory is refused, never overwritten
+            prepare_output_dir(args.out, force=args.force)
         return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
     except (MoelabError, ValueError, FileNotFoundError) as e:
         if args.debug:

@@ -34,6 +34,9 @@ def register(sub, formatter) -> None:
     t.add_argument("--steps", type=int, help="override the config's steps")
     t.add_argument("--out", required=True, help="directory for the runs, result.json, report.md, timeline.png")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--power-loss", action="store_true",
+                   help="also simulate a power loss at each kill: writes no fsync covered are discarded "
+                        "(moelab/reliability/powerloss.py)")
     t.add_argument("--json", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_torture)
@@ -97,7 +100,8 @@ def cmd_torture(args) -> int:
         cfg.steps = args.steps
         config = Path(tempfile.mkdtemp(prefix="moelab-torture-")) / "config.yaml"
         cfg.save(config)
-    r = torture(config, Path(args.out), kills=args.kills, seed=args.seed, progress=not args.no_progress)
+    r = torture(config, Path(args.out), kills=args.kills, seed=args.seed, progress=not args.no_progress,
+                power_loss=args.power_loss)
     if args.json:
         print(json.dumps(r, indent=1))
     else:

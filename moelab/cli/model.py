@@ -31,8 +31,10 @@ def register(sub, formatter) -> None:
         epilog="example:\n  moelab convert ./Mixtral-tiny ./mixtral-moelab --to moelab\n"
                "  moelab convert runs/tiny ./tiny-hf --to hf")
     p.add_argument("src", help="model directory to read")
-    p.add_argument("dst", help="directory to write (replaced atomically)")
+    p.add_argument("dst", help="directory to write (a new one, or one moelab wrote before: replaced atomically)")
     p.add_argument("--to", required=True, choices=("hf", "moelab"), help="output format")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST even when it holds files moelab did not write (they are deleted)")
     p.add_argument("--family", help="HF model_type to export to (default: the source family, else the closest)")
     p.set_defaults(func=cmd_convert)
 
@@ -87,8 +89,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         t["bandwidth_at_400_tflops"] = bandwidth_needed(t, 400)
         data["expert_parallel"] = t
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(args.out)  # checked and marked by moelab.cli.main (--force)
         write_atomic(out / "result.json", json.dumps(data, indent=2) + "\n")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -131,18 +132,21 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from moelab.checkpoint.model_files import save_model
     from moelab.interop.hf import export_hf
+    from moelab.checkpoint.atomic import check_replaceable
     from moelab.loading import load
 
+    if args.family and args.to != "hf":
+        raise MoelabError("--family applies only with --to hf")
+    check_replaceable(Path(args.dst), args.force, fix="choose another DST, or pass --force to replace it")
     model = load(args.src)
     if args.to == "hf":
-        out = export_hf(model, args.dst, family=args.family)
+        out = export_hf(model, args.dst, family=args.family, force=args.force)
         family = json.loads((out / "config.json").read_text())["model_type"]
         print(f"wrote {out} (Hugging Face {family})")
         return 0
-    if args.family:
-        raise MoelabError("--family applies only with --to hf")
     tokenizer = Path(getattr(model, "source_dir", "") or "") / "tokenizer.json"
-    out = save_model(model, args.dst, extra_files={"tokenizer.json": tokenizer} if tokenizer.is_file() else None)
+    out = save_model(model, args.dst, extra_files={"tokenizer.json": tokenizer} if tokenizer.is_file() else None,
+                     force=args.force)
     print(f"wrote {out} (moelab config.yaml + model.safetensors)")
     return 0
 

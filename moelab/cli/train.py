@@ -33,6 +33,8 @@ def register(sub, formatter) -> None:
     p.add_argument("--config", help="YAML/JSON run config (train fields + `model:`) or a bare model config")
     p.add_argument("--out", help="run directory to create (must not exist or be empty)")
     p.add_argument("--resume", help="run directory to continue from its latest checkpoint")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="--resume even when the data files differ from those the checkpoint was trained on")
     p.add_argument("--report", action="store_true", help="write the run report when training ends")
     p.add_argument("--analyze", action="store_true",
                    help="end with `moelab analyze` of the final checkpoint on the run's data (RUN/analysis/)")
@@ -56,15 +58,14 @@ def _base_config(args):
     from moelab.config import load_config
     from moelab.presets import get_preset
     from moelab.train import TrainConfig
-    from moelab.train.config import RUN_CONFIG
 
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise MoelabError("--resume continues the run in place; drop --out or make it equal to --resume")
-        path = Path(args.resume) / RUN_CONFIG
-        if not path.is_file():
-            raise MoelabError(f"--resume {args.resume}: no {RUN_CONFIG}; not a moelab run directory")
-        base = TrainConfig.load(path)
+        from moelab.train.resume import resume_checkpoint, resumed_config
+
+        # the checkpoint's verified run_config.yaml (the trainer warns when RUN/config.yaml differs)
+        base = resumed_config(Path(args.resume), resume_checkpoint(Path(args.resume)), warn=False)[0]
     elif args.config:
         try:
             base = TrainConfig.load(Path(args.config))
@@ -114,11 +115,11 @@ def cmd_train(args, extra: list[str]) -> int:
             raise ConfigError("compile", True, "is not supported with several processes yet; drop --compile")
         return _launch(args)
     if world > 1:
-        result = _train_rank(cfg, run_dir, bool(args.resume))
+        result = _train_rank(cfg, run_dir, bool(args.resume), args.allow_data_change)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:
-        result = train(cfg, run_dir, resume=bool(args.resume))
+        result = train(cfg, run_dir, resume=bool(args.resume), allow_data_change=args.allow_data_change)
     print(f"trained to step {result.final_step}: val loss {result.val.get('val_loss', float('nan')):.4f} "
           f"(ppl {result.val.get('val_ppl', float('nan')):.2f}); unigram entropy {result.unigram_entropy:.4f} nats")
     if args.report:
@@ -170,13 +171,13 @@ def _launch(args) -> int:
     return 0
 
 
-def _train_rank(cfg, run_dir, resume: bool):
+def _train_rank(cfg, run_dir, resume: bool, allow_data_change: bool = False):
     """One rank of a torchrun launch: errors name the rank; a lost peer is reported as such."""
     from moelab.train import train
 
     rank = os.environ.get("RANK", "?")
     try:
-        return train(cfg, run_dir, resume=resume)
+        return train(cfg, run_dir, resume=resume, allow_data_change=allow_data_change)
     except MoelabError as e:
         raise MoelabError(f"[rank {rank}] {e}") from e
     except RuntimeError as e:  # gloo / NCCL: a peer died or a collective timed out

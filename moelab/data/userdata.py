@@ -88,10 +88,15 @@ def read_jsonl(path: Path) -> list[Document]:
     return docs
 
 
+def text_files(root: Path) -> list[Path]:
+    """The files of a directory corpus: text files below ``root``, hidden ones left out, sorted."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def read_directory(root: Path) -> list[Document]:
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = text_files(root)
     if not files:
         raise DataError(f"{root}: the directory holds no text files (looked for {', '.join(TEXT_SUFFIXES)} "
                         "recursively); add files or point to a file")

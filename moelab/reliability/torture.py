@@ -38,11 +38,16 @@ class Attempt:
     reached_step: int  # last step logged before it ended
     checkpoints_verified: int = 0
     problems: list[str] = field(default_factory=list)
+    lost: dict | None = None  # --power-loss: what the simulated power loss after this attempt took away
 
 
-def _train_cmd(config: Path, run: Path, resume: bool) -> list[str]:
+
+
+def _train_cmd(config: Path, run: Path, resume: bool, journal: Path | None = None) -> list[str]:
     where = ["--resume", str(run)] if resume else ["--out", str(run)]
-    return [sys.executable, "-m", "moelab.cli", "train", "--config", str(config), *where, "--no-progress"]
+    # --power-loss: under the shim that journals what each fsync made durable (moelab.reliability.powerloss)
+    launcher = ["moelab.cli"] if journal is None else ["moelab.reliability.powerloss", str(journal), str(run), "--"]
+    return [sys.executable, "-m", *launcher, "train", "--config", str(config), *where, "--no-progress"]
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -135,15 +140,55 @@ def default_config():
     return TrainConfig(model=model, steps=80, batch_size=8, seq_len=64, warmup_steps=4, eval_batches=1)
 
 
-def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, progress: bool = True) -> dict:
+def _newest_step(run: Path) -> int:
+    from moelab.checkpoint.run import checkpoint_dirs
+
+    return max((int(p.name.split("_")[1]) for p in checkpoint_dirs(run)), default=0)
+
+
+def _durable_problems(run: Path, newest_before: int) -> list[str]:
+    """After a simulated power loss: what was verified and durable before the attempt must still be
+    there (the newest checkpoint, the run's config and tokenizer, a metrics record for every step up
+    to the newest checkpoint)."""
+    from moelab.data import Tokenizer
+    from moelab.train.config import TrainConfig
+    from moelab.train.trainer import read_metrics
+
+    newest = _newest_step(run)
+    problems = []
+    if newest < newest_before:
+        problems.append(f"power loss: checkpoint step_{newest_before:06d} was durable before the attempt and is gone")
+    if not newest:
+        return problems
+    for name, load in (("config.yaml", TrainConfig.load), ("tokenizer.json", Tokenizer.load)):
+        try:
+            load(run / name)
+        except Exception as e:  # noqa: BLE001 - any failure to read it back is the finding
+            problems.append(f"power loss: {name} unreadable ({type(e).__name__}: {str(e)[:120]})")
+    try:
+        logged = {r["step"] for r in read_metrics(run) if r.get("kind") == "train"}
+    except Exception as e:  # noqa: BLE001
+        return [*problems, f"power loss: metrics.jsonl unreadable ({e})"]
+    missing = sorted(set(range(1, newest + 1)) - logged)
+    if missing:
+        problems.append(f"power loss: metrics.jsonl lost the records of steps {missing[:5]} of checkpoint "
+                        f"step_{newest:06d}")
+    return problems
+
+
+def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, progress: bool = True,
+            power_loss: bool = False) -> dict:
     """Kill and resume a training run ``kills`` times (see the module docstring); returns the result
-    and writes result.json, report.md and timeline.png into ``out``."""
+    and writes result.json, report.md and timeline.png into ``out``. ``power_loss``: each attempt's
+    end (the last one's too) is also a simulated power loss (:mod:`moelab.reliability.powerloss`)."""
     from moelab.train.config import TrainConfig
     from moelab.train.trainer import read_metrics
 
     cfg = TrainConfig.load(config) if config is not None else default_config()
     cfg.save_every, cfg.progress, cfg.eval_every = 1, False, 0  # a checkpoint after every step
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoelabError(f"{out} is a file, not a directory; choose another --out")
     if out.exists() and any(out.iterdir()):
         raise MoelabError(f"{out} is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +233,15 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
             else:
                 extra = {KILL_ENV: f"{kind}:{rng.randint(1, 3)}"}
         started = time.perf_counter()
-        p = subprocess.Popen(_train_cmd(run_cfg, run, resume), env=_env(extra), stdout=subprocess.DEVNULL,
+        journal = start_state = None
+        if power_loss:
+            from moelab.reliability.powerloss import record_start
+
+            journal, start_state = out / "powerloss" / "journal", out / "powerloss" / "start"
+            shutil.rmtree(journal, ignore_errors=True)
+            record_start(run, start_state)
+            newest_before = _newest_step(run)
+        p = subprocess.Popen(_train_cmd(run_cfg, run, resume, journal), env=_env(extra), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         try:
             _, err = p.communicate(timeout=delay)
@@ -207,8 +260,15 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
                               f"{err[-2000:]}")
         elif kind == "none" and p.returncode != 0:
             raise MoelabError(f"the final attempt failed (exit {p.returncode}):\n{err[-2000:]}")
-        a = Attempt(len(attempts), start, label, _last_step(run))
+        lost = None
+        if power_loss:
+            from moelab.reliability.powerloss import apply_power_loss
+
+            lost = apply_power_loss(run, start_state, journal)
+        a = Attempt(len(attempts), start, label, _last_step(run), lost=lost)
         a.checkpoints_verified, a.problems = _verify_all(run)
+        if power_loss:
+            a.problems += _durable_problems(run, newest_before)
         attempts.append(a)
         if bar is not None and label != "none":
             bar.update(1)
@@ -235,6 +295,10 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
         "identical": not diffs and not unreadable, "final_step": _last_step(run),
         "reference_seconds": ref_seconds, "seconds": time.perf_counter() - t0,
     }
+    if power_loss:
+        result["power_loss"] = {k: sum((a.lost or {}).get(k, 0) for a in attempts)
+                                for k in ("files_reverted", "files_emptied", "entries_changed")}
+        shutil.rmtree(out / "powerloss", ignore_errors=True)
     _write_report(out, result)
     return result
 
@@ -268,4 +332,10 @@ def _write_report(out: Path, r: dict) -> None:
           md_table(["attempt", "resumed from step", "kill", "last step logged", "checkpoints verified"],
                    [[a["index"], a["start_step"], a["kill"], a["reached_step"], a["checkpoints_verified"]]
                     for a in r["attempts"]]), "", "![timeline](timeline.png)", ""]
+    if "power_loss" in r:
+        pl = r["power_loss"]
+        md[3:3] = [f"Every attempt also ended in a simulated power loss (writes not covered by an fsync discarded, "
+                   f"moelab/reliability/powerloss.py): {pl['files_reverted']} files reverted to their last fsynced "
+                   f"content, {pl['files_emptied']} emptied, {pl['entries_changed']} directory entries lost or "
+                   "restored.", ""]
     write_report(out, "moelab ckpt torture", "\n".join(md), r, json_name="result.json")

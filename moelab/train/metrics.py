@@ -8,12 +8,13 @@ fraction c_e / sum c, max/mean load = max_e c_e / mean c (= 1 + MaxVio), coeffic
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from moelab.errors import MoelabError
-from moelab.fileio import write_atomic
+from moelab.fileio import fsync_dir, write_atomic
 from moelab.moe.metrics import load_balance_metrics
 
 
@@ -60,7 +61,10 @@ class MetricsLog:
             except ImportError as e:
                 raise MoelabError("--tensorboard needs the tensorboard package: pip install 'moelab[tensorboard]'") from e
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        new = not path.exists()
         self.file = open(path, "a")
+        if new:  # its directory entry is durable from the start (the data with each sync())
+            fsync_dir(path.parent)
 
     def truncate(self, step: int) -> None:
         """Drop the records after ``step`` (a rollback), keeping the file open for appending."""
@@ -68,6 +72,12 @@ class MetricsLog:
         kept = [line for line, rec in parse_lines(self.path.read_text(), str(self.path)) if rec.get("step", 0) <= step]
         write_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
+
+    def sync(self) -> None:
+        """Flush the appended records to disk (fsync): called before a checkpoint is published, so a
+        power loss never leaves a checkpoint whose steps are missing from the log."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

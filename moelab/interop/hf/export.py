@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moelab.checkpoint.atomic import atomic_directory
+from moelab.checkpoint.atomic import atomic_directory, check_replaceable
 from moelab.checkpoint.model_files import model_state
 from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import MoelabError
@@ -33,10 +33,15 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
                 torch.float64: "float64"}
 
 
-def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | None = None) -> Path:
+def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | None = None,
+              force: bool = False) -> Path:
     """Write ``model`` to ``out_dir`` as an HF checkpoint; returns the directory.
 
-    ``family`` forces an HF model_type; by default the model's source family, else the first that fits."""
+    ``family`` forces an HF model_type; by default the model's source family, else the first that fits.
+    An existing ``out_dir`` is replaced only when moelab wrote everything in it (an earlier export) or
+    ``force`` is given; a plain file there is an error (:func:`moelab.checkpoint.atomic.check_replaceable`)."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, force)  # before any work
     cfg = model.config
     source = getattr(model, "hf_config", None) or {}
     adapter, fields = choose_family(cfg, family, preferred=source.get("model_type"))
@@ -62,8 +67,7 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
     if source.get("model_type") == adapter.model_type:
         config.update({k: source[k] for k in CARRIED_FIELDS if k in source})
     src_dir = getattr(model, "source_dir", None)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, kind="hf-export", force=force) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in TOKENIZER_FILES:
