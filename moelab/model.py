@@ -34,10 +34,14 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     # lm_loss + sum of weighted aux losses + (lambda / D) * sum of mtp_losses (when labels are given)
     loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None  # mean cross-entropy over the targets (0, not NaN, when there is none)
+    # the same summed over the targets: what data parallelism scales by world / global targets, so a rank
+    # whose share has no target contributes exactly 0 through the same graph as every other rank
+    lm_loss_sum: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed over MoE layers
     # unweighted L_MTP^k, k = 1..D; 0 for a depth with no target in the batch (not counted in the mean over depths)
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)  # each depth's, summed over its targets
     # (B, T, D) the last block's output after the final norm: the LM head's input, MTP depth 1's input and
     # HF's last_hidden_state (return_hidden)
     hidden: torch.Tensor | None = None
@@ -217,10 +221,11 @@ class MoETransformer(nn.Module):
         logits_BTV = self.head(h_BTD)
         out = ModelOutput(logits=logits_BTV, aux_losses=aux, hidden=h_BTD if return_hidden else None)
         if labels is not None:
-            out.lm_loss = _next_token_loss(logits_BTV, labels, 1)
+            out.lm_loss_sum, targets = _next_token_loss(logits_BTV, labels, 1)
+            out.lm_loss = out.lm_loss_sum / targets.clamp_min(1)  # = F.cross_entropy's mean, bit for bit
             if self.mtp is not None and cache is None:  # also adds the modules' MoE aux losses to aux
-                out.mtp_losses, depths = self._mtp_losses(h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T,
-                                                          aux, valid_BT)
+                out.mtp_loss_sums, out.mtp_losses, depths = self._mtp_losses(
+                    h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux, valid_BT)
             out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
             if out.mtp_losses:  # (lambda / D) sum_k L_k over the D depths with a target (a tensor: no host sync)
                 out.loss = out.loss + self.mtp_weight * sum(out.mtp_losses) / depths.clamp_min(1)
@@ -239,13 +244,14 @@ class MoETransformer(nn.Module):
         return logits_BTV
 
     def _mtp_losses(self, h_BTD, input_ids, labels, cos_TD, sin_TD, positions_T, aux,
-                    valid_BT: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    valid_BT: torch.Tensor | None = None) -> tuple[list, list, torch.Tensor]:
         """DeepSeek-V3 eq. 21-24: depth k sees positions i < T - k (h^{k-1}_i and token i + k) and
         predicts token i + k + 1, scored where that token is inside the sequence (i < T - k - 1).
-        ``h_BTD``: the main model's hidden states after the final norm. Returns the per-depth losses (0 for
-        a depth with no target in the batch, e.g. rows of 2 real tokens) and how many depths had a target.
+        ``h_BTD``: the main model's hidden states after the final norm. Returns the per-depth summed and mean
+        losses (0 for a depth with no target in the batch, e.g. rows of 2 real tokens) and how many depths
+        had a target.
         Aux losses of the modules' MoE layers are added to ``aux``."""
-        losses, depths, T = [], labels.new_zeros(()), input_ids.shape[1]
+        sums, losses, depths, T = [], [], labels.new_zeros(()), input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 2:
                 break
@@ -267,10 +273,11 @@ class MoETransformer(nn.Module):
             if valid is not None:  # a target counts only when the position predicting it is real too
                 labels_k = labels_k.clone()
                 labels_k[:, 1:] = labels_k[:, 1:].masked_fill(~valid[:, :-1], -100)
-            loss, targets = _next_token_loss(self.head(h_BTD), labels_k, 1, with_count=True)
-            losses.append(loss)
+            total, targets = _next_token_loss(self.head(h_BTD), labels_k, 1)
+            sums.append(total)
+            losses.append(total / targets.clamp_min(1))
             depths = depths + (targets > 0)
-        return losses, depths
+        return sums, losses, depths
 
     def mtp_logits(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, start: int,
                    cache: KVCache | None = None) -> torch.Tensor:
@@ -287,16 +294,14 @@ class MoETransformer(nn.Module):
         return self.head(h)
 
 
-def _next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: int, with_count: bool = False):
-    """Cross-entropy of logits at position i against labels at i + shift (-100 ignored), the mean over the
-    targets. ``with_count``: also the number of targets, and 0 (not NaN) when there are none."""
+def _next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shift: int):
+    """Cross-entropy of logits at position i against labels at i + shift (-100 ignored), summed over the
+    targets (0 when there is none, with the same graph), and the number of targets (a tensor: no sync).
+    Divided by the count it is F.cross_entropy's mean bit for bit, forward and backward (tested)."""
     V = logits_BTV.shape[-1]
     logits_NV, labels_N = logits_BTV[:, :-shift].reshape(-1, V).float(), labels_BT[:, shift:].reshape(-1)
-    if not with_count:
-        return F.cross_entropy(logits_NV, labels_N, ignore_index=-100)
-    count = (labels_N != -100).sum()
     total = F.cross_entropy(logits_NV, labels_N, ignore_index=-100, reduction="sum")
-    return total / count.clamp_min(1), count
+    return total, (labels_N != -100).sum()
 
 
 def _checkpointed_block(block: Block, *args):

@@ -13,6 +13,7 @@ Tolerances: fp32, a different summation order (1e-5 relative for outputs, 1e-4 f
 
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
@@ -105,8 +106,9 @@ def _ep_layer_worker(rank: int, world: int, router_name: str) -> None:
     assert apply_expert_parallel(ep) == 1
     x, g = _inputs(rank)
     x.requires_grad_(True)
-    y, _ = ep(x)
-    (y * g).sum().backward()
+    with torch.device("meta"):  # a tensor created without device= would land on meta and fail (issue 23.1)
+        y, _ = ep(x)
+        (y * g).sum().backward()
     torch.testing.assert_close(y.detach(), ref_out[rank], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, ref_gx[rank], rtol=1e-5, atol=1e-5)
     for name, p in ep.experts.named_parameters():  # summed over all ranks' tokens, as in one process
@@ -275,6 +277,100 @@ def test_training_equals_single_process(router, world, parallel, corpus, single_
         assert bias.abs().sum() > 0  # it moved, and equals the single-process bias (checked above)
 
 
+# ---- a rank whose share has no target (issue 23.2) ---------------------------------------------------
+def _one_target_tail(cfg, rows: int = 4):
+    """The run's data with ``rows`` full training rows and a last row holding one real token (a packed
+    length of 1 mod seq_len): no LM or MTP target in it, so the rank that draws it has none."""
+    from dataclasses import replace
+
+    from moelab.data import PackedData
+    from moelab.train.trainer import prepare_run_data
+
+    data = prepare_run_data(cfg)
+    tr = data.train
+    ids, labels, dom = tr.input_ids[:rows + 1].clone(), tr.labels[:rows + 1].clone(), tr.domain_ids[:rows + 1].clone()
+    ids[rows, 1:] = data.tokenizer.eos_id
+    labels[rows, 1:] = -100
+    dom[rows, 1:] = -1
+    return replace(data, train=PackedData(ids, labels, dom, tr.domains))
+
+
+def _empty_share_cfg(data: str, router: str, **parallel):
+    cfg = _train_cfg(data, "mtp" if router == "mtp" else "topk", **parallel)
+    if router == "no-balance":  # the objective is the LM loss alone: nothing else keeps the graph whole
+        cfg.model.moe.router = RouterConfig(top_k=2)
+    cfg.batch_size, cfg.grad_accum = 2, 1
+    cfg.parallel.timeout_s = 30  # a desynchronised backward fails in 30 s, not 5 minutes
+    return cfg
+
+
+def _empty_share_worker(rank: int, world: int, data: str, run_dir: str, router: str, parallel: dict) -> None:
+    from moelab.train import Trainer
+
+    cfg = _empty_share_cfg(data, router, **parallel)
+    Trainer(cfg, run_dir, data=_one_target_tail(cfg)).fit()
+
+
+@pytest.mark.parametrize("router,parallel", [
+    ("topk", {"ep": 2}), ("no-balance", {"ep": 2}), ("mtp", {"ep": 2}), ("topk", {"ep": 1, "shard": "replicate"}),
+], ids=["ep-fsdp", "ep-no-balance-loss", "ep-mtp", "replicate"])
+def test_a_rank_with_no_target_in_its_share_trains_as_one_process(router, parallel, corpus, tmp_path):
+    """--nproc 2 --ep 2 --batch_size 2 --grad_accum 1 on data whose last row holds one token: the step
+    that draws it gives one rank no target. That rank's backward runs the same collectives as the
+    other's (it hung or raised before), its losses are 0 (MTP's were NaN) and the run equals one
+    process on the same data."""
+    from moelab.train import Trainer
+
+    cfg = _empty_share_cfg(corpus, router)
+    data = _one_target_tail(cfg)
+    assert (data.train.labels[:, 1:] != -100).sum(1).tolist()[-1] == 0
+    Trainer(cfg, tmp_path / "one", data=data).fit()
+    spawn(2, _empty_share_worker, corpus, str(tmp_path / "run"), router, parallel, tmp_path=tmp_path)
+    _assert_same_run(tmp_path / "run", tmp_path / "one")
+    for rec in _train_records(tmp_path / "run"):
+        assert all(math.isfinite(v) for v in (rec["loss"], rec["lm_loss"], *rec.get("mtp_loss", [])))
+
+
+# ---- diagnosis under FSDP2 (issue 23.4) ---------------------------------------------------------------
+def _diagnose_worker(rank: int, world: int, out_dir: str) -> None:
+    from moelab.distributed.runtime import init_from_env, parallelize
+    from moelab.model import build_model
+    from moelab.train.config import ParallelConfig
+    from moelab.train.numerics import diagnose
+
+    env = init_from_env(ParallelConfig(timeout_s=60), 4)
+    cfg = _train_cfg("unused").model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    parallelize(model, env)
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    if rank == 1:  # the NaNs sit in rank 1's shards only: rows 2-3 of the router, the last rows of q_proj
+        params["blocks.1.ffn.router.weight"].to_local().data[0, 0] = float("nan")
+        params["blocks.0.attn.q_proj.weight"].grad.to_local()[-1, 0] = float("nan")
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(rank))
+    info = diagnose(model, ids, ids, out_dir, 1, "test", write=rank == 0, env=env)
+    with open(os.path.join(out_dir, f"info{rank}.json"), "w") as f:
+        json.dump(info, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_diagnose_under_fsdp_looks_at_every_ranks_shards(tmp_path):
+    """A non-finite weight or gradient in another rank's shard is found and named on every rank (rank 0
+    writes the diagnosis): a sharded parameter's local tensor is checked on each rank and the verdicts
+    are reduced over the ranks."""
+    spawn(2, _diagnose_worker, str(tmp_path), tmp_path=tmp_path)
+    for rank in range(2):
+        info = json.loads((tmp_path / f"info{rank}.json").read_text())
+        assert info["first_nonfinite_parameter"] == "blocks.1.ffn.router.weight", info
+        assert info["first_nonfinite_gradient"] == "blocks.0.attn.q_proj.weight", info
+        assert info["first_nonfinite_output"] == "blocks.1.ffn.router", info
+    assert json.loads((tmp_path / "step_000001" / "diagnosis.json").read_text())["first_nonfinite_parameter"] \
+        == "blocks.1.ffn.router.weight"
+
+
 # ---- distributed checkpoints ----------------------------------------------------------------------
 def _resume_worker(rank: int, world: int, data: str, run_dir: str, steps: int, check_against: str) -> None:
     from moelab.checkpoint.distributed import load_distributed_checkpoint
@@ -350,6 +446,64 @@ def test_single_process_checkpoint_resumes_on_2_ranks(corpus, tmp_path):
     cfg.steps = 4
     Trainer(cfg, tmp_path / "a", resume=True).fit()
     spawn(2, _resume_plain_worker, corpus, str(tmp_path / "b"), tmp_path=tmp_path)
+    _assert_losses(_train_records(tmp_path / "b"), _train_records(tmp_path / "a"))
+
+
+def _spike_at(trainer, step: int) -> None:
+    """Step ``step``'s loss x 10, once: the objective of one process (out.loss) and of a rank (built from
+    the summed LM loss) alike."""
+    real_step, fired = trainer.train_step, []
+
+    def train_step(batches):
+        if trainer.step + 1 != step or fired:
+            return real_step(batches)
+        fired.append(True)
+        real_forward = trainer.model.forward
+
+        def forward(*a, **kw):
+            out = real_forward(*a, **kw)
+            out.loss, out.lm_loss_sum = out.loss * 10, out.lm_loss_sum * 10
+            return out
+
+        trainer.model.forward = forward
+        try:
+            return real_step(batches)
+        finally:
+            del trainer.model.forward
+
+    trainer.train_step = train_step
+
+
+def _rollback_worker(rank: int, world: int, run_dir: str, cfg: dict) -> None:
+    from moelab.train import TrainConfig, Trainer
+
+    t = Trainer(TrainConfig.from_dict(cfg), run_dir, resume=True)
+    _spike_at(t, 8)
+    t.fit()
+
+
+def test_spike_rollback_on_2_ranks_to_a_single_process_checkpoint(corpus, tmp_path):
+    """Issue 23.4: a run resumed on 2 ranks from a 1-process checkpoint rolls back to that checkpoint at a
+    spike (it crashed loading the plain weights and optimizer state into the sharded model), and goes
+    on as one process does."""
+    from moelab.train import Trainer
+
+    cfg = _train_cfg(corpus, "topk")
+    cfg.steps, cfg.save_every = 2, 0
+    Trainer(cfg, tmp_path / "a").fit()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cfg.steps, cfg.spike_factor, cfg.spike_action = 9, 3.0, "rollback"
+    one = Trainer(cfg, tmp_path / "a", resume=True)
+    _spike_at(one, 8)
+    with pytest.warns(UserWarning, match="rolled back to step_000002"):
+        one.fit()
+    cfg.parallel.ep = 2
+    spawn(2, _rollback_worker, str(tmp_path / "b"), cfg.to_dict(), tmp_path=tmp_path)
+    from moelab.train.trainer import read_metrics
+
+    for run in ("a", "b"):
+        rb = [r for r in read_metrics(tmp_path / run) if r["kind"] == "rollback"]
+        assert [(r["from_step"], r["checkpoint"]) for r in rb] == [(8, "step_000002")], run
     _assert_losses(_train_records(tmp_path / "b"), _train_records(tmp_path / "a"))
 
 

@@ -264,13 +264,14 @@ def test_tensorboard_sink_or_clear_error(tmp_path):
 
 
 def test_mtp_losses_are_weighted_by_each_ranks_token_share():
-    """Issue 22.15: under data parallelism each MTP depth's loss is the rank's share of the global mean,
-    as the LM loss is. Two ranks with uneven targets (one row cut short by padding): the mean over the
-    ranks of share_k x L_k equals L_k of the whole batch in one process, and so does the corrected
-    objective; the plain per-rank means do not."""
+    """Issue 22.15 / 23.2: under data parallelism the LM loss and each MTP depth's loss are the rank's
+    share of the global mean: its summed loss x world / global targets. Two ranks with uneven targets
+    (one row cut short by padding): the mean over the ranks of the shares and of the objectives equals
+    one process on the whole batch; the plain per-rank means do not. A rank with no target at all adds
+    exactly 0 (not NaN), and in one process the objective is the model's loss bit for bit."""
     from moelab.config import MTPConfig
     from moelab.model import build_model
-    from moelab.train.trainer import mtp_share_correction, mtp_shares, mtp_target_counts
+    from moelab.train.objective import Shares, rank_loss
 
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, max_seq_len=32, dense_ffn_dim=48,
                       attention=AttentionConfig(num_heads=4),
@@ -282,14 +283,26 @@ def test_mtp_losses_are_weighted_by_each_ranks_token_share():
     labels = ids.clone()
     labels[3, 5:] = -100  # rank 1's second row ends early: fewer targets at every depth
     with torch.no_grad():
-        whole = model(ids, labels=labels).mtp_losses
+        whole = model(ids, labels=labels)
         ranks = [(ids[r * 2:r * 2 + 2], labels[r * 2:r * 2 + 2]) for r in range(2)]
-        outs = [model(i, labels=l).mtp_losses for i, l in ranks]
-    g = mtp_target_counts(labels, 2)
-    assert g == [int((labels[:, 2:] != -100).sum()), int((labels[:, 3:] != -100).sum())]
+        outs = [model(i, labels=lab) for i, lab in ranks]
+    shares = Shares.of(labels, 2, world=2)
+    assert shares.mtp_targets == [int((labels[:, 2:] != -100).sum()), int((labels[:, 3:] != -100).sum())]
+    parts = [rank_loss(o, shares, model.mtp_weight) for o in outs]
+    assert float(sum(p.lm for p in parts) / 2) == pytest.approx(float(whole.lm_loss), rel=1e-5)
     for k in range(2):
-        shared = sum(o[k] * mtp_shares(mtp_target_counts(l, 2), g, 2)[k] for o, (_, l) in zip(outs, ranks)) / 2
-        assert float(shared) == pytest.approx(float(whole[k]), rel=1e-5)
-        assert abs(float(sum(o[k] for o in outs) / 2 - whole[k])) > 1e-3  # the unweighted mean misses it
-    corrected = [sum(o) / 2 + mtp_share_correction(o, mtp_target_counts(l, 2), g, 2) for o, (_, l) in zip(outs, ranks)]
-    assert float(sum(corrected) / 2) == pytest.approx(float(sum(whole) / 2), rel=1e-5)
+        assert float(sum(p.mtp[k] for p in parts) / 2) == pytest.approx(float(whole.mtp_losses[k]), rel=1e-5)
+        assert abs(float(sum(o.mtp_losses[k] for o in outs) / 2 - whole.mtp_losses[k])) > 1e-3  # unweighted misses it
+    aux = [sum(o.aux_losses.values()) for o in (*outs, whole)]  # local statistics here (the trainer's are global)
+    assert float(sum(p.loss - a for p, a in zip(parts, aux)) / 2) == pytest.approx(float(whole.loss - aux[2]), rel=1e-5)
+    # one process: the objective is the model's loss, bit for bit
+    one = rank_loss(whole, Shares.of(labels, 2), model.mtp_weight)
+    assert torch.equal(one.loss, whole.loss) and torch.equal(one.lm, whole.lm_loss)
+    assert all(torch.equal(a, b) for a, b in zip(one.mtp, whole.mtp_losses))
+    # a rank whose share has no target (rows of one real token): exactly 0, finite
+    empty = labels[:2].clone()
+    empty[:, 1:] = -100
+    with torch.no_grad():
+        none = rank_loss(model(ids[:2], labels=empty), shares, model.mtp_weight)
+    assert float(none.lm) == 0.0 and [float(v) for v in none.mtp] == [0.0, 0.0]
+    assert float(none.loss) == pytest.approx(float(sum(model(ids[:2], labels=empty).aux_losses.values())))

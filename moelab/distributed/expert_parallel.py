@@ -40,24 +40,65 @@ class A2AStats:
     """What one layer's all-to-alls did since the last ``reset``: rows of this rank's tokens dispatched
     to experts on other ranks, rows of other ranks' tokens this rank's experts received (a rank's
     rows for its own experts never leave it; the combine and the backward pass move the same rows
-    back), and host seconds spent in all four all-to-alls, waiting for slower ranks included."""
+    back), and seconds spent in all the all-to-alls, waiting for slower ranks included.
+
+    ``seconds``: on CUDA the time between CUDA events recorded on the current stream around each
+    all-to-all (device time: a NCCL call returns to the host at launch, so host time would measure
+    the launch only), read when ``seconds`` is first asked for after the step (that waits for the
+    events); on the CPU (gloo, which returns when the exchange is done) host seconds. Rows are
+    counted once per forward: activation checkpointing's recompute moves the same rows again and
+    counts nothing (``count_rows`` False then), while every all-to-all's time counts, the recompute's
+    and its backward's included."""
 
     def __init__(self) -> None:
-        self.enabled = True  # False while activation checkpointing recomputes a block
+        self.count_rows = True  # False while activation checkpointing recomputes a block
         self.reset()
 
     def reset(self) -> None:
         self.rows_sent = self.rows_received = 0
-        self.seconds = 0.0
+        self._host_s = 0.0
+        self._events: list = []  # (start, end) CUDA events not yet read
+
+    def add_host(self, seconds: float) -> None:
+        self._host_s += seconds
+
+    def add_events(self, start, end) -> None:
+        self._events.append((start, end))
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._host_s += start.elapsed_time(end) / 1000.0
+        self._events = []
+        return self._host_s
+
+
+_now = time.perf_counter  # the host clock (a module attribute, so tests can replace it)
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: A2AStats) -> torch.Tensor:
     out = x.new_empty(sum(out_splits), *x.shape[1:])
-    t0 = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    if stats.enabled:
-        stats.seconds += time.perf_counter() - t0
+    if x.is_cuda:  # device time between events: the call itself returns at launch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        end.record()
+        stats.add_events(start, end)
+    else:
+        t0 = _now()
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        stats.add_host(_now() - t0)
     return out
+
+
+def _exchange_counts(counts_PL: torch.Tensor, group) -> tuple[torch.Tensor, list[list[int]]]:
+    """All-to-all of a (P, L) count matrix on the data's device (NCCL moves CUDA tensors, gloo CPU
+    ones): row s of the result is what rank s sends me for each of my local experts. Returns it and
+    the same numbers on the host (the one host sync of a dispatch: the split sizes must be known)."""
+    recv_PL = torch.empty_like(counts_PL)
+    dist.all_to_all_single(recv_PL, counts_PL, group=group)
+    return recv_PL, recv_PL.tolist()
 
 
 class _AllToAll(torch.autograd.Function):
@@ -103,23 +144,25 @@ class _ExpertParallel(nn.Module):
         return False
 
     def _dispatch(self, x_AW: torch.Tensor, counts_E: list[int]):
-        """(rows received for my experts, sorted by local expert; their counts; what _combine needs)."""
-        P, L = self.world, self.local
-        counts_PL = torch.tensor(counts_E, dtype=torch.long).view(P, L)  # my rows for each rank's experts (CPU: gloo)
-        recv_PL = torch.empty_like(counts_PL)
-        dist.all_to_all_single(recv_PL, counts_PL, group=self.group)  # rows each rank sends me, per local expert
-        send_splits = counts_PL.sum(1).tolist()
-        recv_splits = recv_PL.sum(1).tolist()
+        """(rows received for my experts, sorted by local expert; their counts; what _combine needs).
+        Counts, splits and the permutation stay on the data's device (as torchtitan's do)."""
+        P, L, dev = self.world, self.local, x_AW.device
+        counts_PL = torch.tensor(counts_E, dtype=torch.long, device=dev).view(P, L)  # my rows for each rank's experts
+        recv_PL, recv = _exchange_counts(counts_PL, self.group)  # rows each rank sends me, per local expert
+        send_splits = [sum(counts_E[s * L:(s + 1) * L]) for s in range(P)]
+        recv_splits = [sum(row) for row in recv]
         x_RW = _AllToAll.apply(x_AW, recv_splits, send_splits, self.group, self.stats)
-        if self.stats.enabled:
+        if self.stats.count_rows:
             self.stats.rows_sent += sum(send_splits) - send_splits[self.rank]
             self.stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
         # received rows are [from rank 0: local expert 0..L-1][from rank 1: ...]: regroup by local expert
-        src_of = torch.arange(P).repeat_interleave(L)
-        exp_of = torch.arange(L).repeat(P)
-        block_expert = exp_of.repeat_interleave(recv_PL.flatten())  # (R,) local expert of each received row
-        order = torch.argsort(block_expert * P + src_of.repeat_interleave(recv_PL.flatten()), stable=True)
-        return x_RW[order], recv_PL.sum(0).tolist(), (order, send_splits, recv_splits, x_AW.shape[0])
+        src_PL = torch.arange(P, device=dev).repeat_interleave(L)
+        exp_PL = torch.arange(L, device=dev).repeat(P)
+        R = sum(recv_splits)
+        key_R = (exp_PL * P + src_PL).repeat_interleave(recv_PL.flatten(), output_size=R)  # (R,) no host sync
+        order = torch.argsort(key_R, stable=True)
+        local_counts = [sum(row[e] for row in recv) for e in range(L)]
+        return x_RW.index_select(0, order), local_counts, (order, send_splits, recv_splits, x_AW.shape[0])
 
     def _combine(self, y_sorted: torch.Tensor, ctx) -> torch.Tensor:
         order, send_splits, recv_splits, _ = ctx
@@ -191,8 +234,9 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh | None = None) -> i
     """Shard the routed experts of every MoE layer (MTP modules' included) over ``mesh`` (a 1-D
     expert-parallel mesh; default: all ranks); returns the number of layers sharded. Every rank must
     call it on the same model (same weights)."""
-    if mesh is None:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",))
+    if mesh is None:  # on the device of the model's weights (its DTensors and the data's)
+        device = next(model.parameters()).device.type
+        mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("ep",))
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
         router = layer.router_cfg

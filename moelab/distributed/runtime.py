@@ -76,7 +76,7 @@ class DistEnv:
 
     def gather_floats(self, values: list[float]) -> list[list[float]]:
         """Every rank's ``values`` (same length on every rank), indexed by rank."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device="cpu")  # host numbers: over gloo
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t)
         return [o.tolist() for o in out]
@@ -94,13 +94,28 @@ def init_from_env(pcfg, num_experts: int | None) -> DistEnv | None:
     if cuda:
         torch.cuda.set_device(device)
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if cuda else "gloo")
-    if backend == "nccl":  # CUDA tensors over NCCL; the small CPU tensors (counts, metrics) over gloo
+    if backend == "nccl":  # CUDA tensors over NCCL (expert counts too); the small CPU tensors (metrics) over gloo
         backend = "cpu:gloo,cuda:nccl"
+    timeout = datetime.timedelta(seconds=pcfg.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s))
+        dist.init_process_group(backend, timeout=timeout)
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
     flat = mesh._flatten("dp_ep") if hasattr(mesh, "_flatten") else init_device_mesh(device.type, (dp * ep,))
+    for group in {*mesh.get_all_groups(), flat.get_group()}:
+        set_group_timeout(group, timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh, flat, pcfg)
+
+
+def set_group_timeout(group, timeout: datetime.timedelta) -> None:
+    """``timeout`` for every collective of ``group``, on each of its backends (gloo, NCCL).
+
+    NOTE: init_device_mesh (torch 2.13) creates the sub-groups of a mesh (dp and ep rows smaller than
+    the world) with torch's default timeout (30 minutes for gloo, 10 for NCCL), not the timeout the
+    process group was started with, so a rank stalled in the forward would keep its dp or ep peers
+    waiting that long. torch has no public setter; its private one also takes the NCCL watchdog."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timeout, group)
 
 
 def shutdown() -> None:

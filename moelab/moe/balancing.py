@@ -43,9 +43,10 @@ def _summed(*values):
         return values
     import torch.distributed as dist
 
-    out = [torch.as_tensor(v, dtype=torch.float32).detach().clone() for v in values]
+    device = next((v.device for v in values if torch.is_tensor(v)), None)  # the data's: NCCL moves CUDA tensors
+    out = [torch.as_tensor(v, dtype=torch.float32, device=device).detach().clone() for v in values]
     sizes = [t.numel() for t in out]
-    buf = torch.cat([t.reshape(-1).to(out[0].device) for t in out])
+    buf = torch.cat([t.reshape(-1) for t in out])
     dist.all_reduce(buf, group=_Statistics.group)
     return [chunk.view_as(t) for chunk, t in zip(buf.split(sizes), out)]
 

@@ -108,8 +108,8 @@ class MoELayer(nn.Module):
         if capacity is not None:
             routing.kept_A = capacity_keep_mask(routing, capacity, self.router_cfg.drop_priority, seq_len=layout)
             kept = routing.select(routing.kept_A)
-        if hasattr(self.experts, "stats"):  # expert parallelism: a checkpointed recompute counts nothing
-            self.experts.stats.enabled = self.record_stats
+        if hasattr(self.experts, "stats"):  # expert parallelism: a checkpointed recompute counts no rows, only time
+            self.experts.stats.count_rows = self.record_stats
         out_TD = self.add_shared(x_TD, dispatch_combine(self.experts, x_TD, kept, capacity))
         if self.record_stats:
             self._record(routing, kept, layout, capacity)

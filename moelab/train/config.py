@@ -42,7 +42,7 @@ class ParallelConfig:
     # "fsdp": FSDP2 shards parameters, gradients and optimizer state (experts over dp, the rest over
     # every rank); "replicate": every rank keeps whole parameters and gradients are all-reduced (DDP)
     shard: str = "fsdp"
-    param_dtype: str = "float32"  # FSDP2 mixed precision: compute dtype of the gathered parameters
+    param_dtype: str = "float32"  # FSDP2 mixed precision: compute dtype of the gathered parameters (not float16)
     reduce_dtype: str = "float32"  # ... and dtype of the gradient reduce-scatter
     reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (ZeRO-3 style)
     timeout_s: float = 300.0  # a collective waiting longer than this fails every rank (a dead peer)
@@ -57,6 +57,10 @@ class ParallelConfig:
             raise ConfigError("parallel.shard", self.shard, "must be 'fsdp' or 'replicate'")
         if self.param_dtype not in DTYPES:
             raise ConfigError("parallel.param_dtype", self.param_dtype, f"must be one of {', '.join(DTYPES)}")
+        if self.param_dtype == "float16":
+            # fp16 gradients underflow without a loss scaler, and moelab has none: bf16 has fp32's range
+            raise ConfigError("parallel.param_dtype", self.param_dtype, "needs a gradient scaler, which moelab "
+                              "does not have; use bfloat16 (same memory, fp32's exponent range) or float32")
         if self.reduce_dtype not in ("float32", "bfloat16"):
             # NOTE: FSDP2 (torch 2.13) splits an fp16 reduction's division into pre- and post-factors
             # and, on a 1-rank mesh, also divides once more: the experts' gradients would be 1/world^2

@@ -38,20 +38,41 @@ def _nonfinite(t) -> bool:
     return _nonfinite(logits) if logits is not None else False
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is. A DTensor's own
+    ``isfinite().all()`` is a partial result: checked locally, the verdicts are reduced over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _first_on_any_rank(flags: list[bool], env) -> int | None:
+    """The first index flagged on any rank (one all-reduce), None when none is."""
+    if env is not None and flags:
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float32, device="cpu")
+        env.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flags = [bool(v) for v in t.tolist()]
+    return next((i for i, f in enumerate(flags) if f), None)
+
+
 @torch.no_grad()
 def diagnose(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, out_dir: Path, step: int,
-             reason: str, write: bool = True) -> dict:
-    """Name where the non-finite value starts and save the routing of the step (see module doc)."""
+             reason: str, write: bool = True, env=None) -> dict:
+    """Name where the non-finite value starts and save the routing of the step (see module doc).
+    ``env`` (several processes, every rank calls it): outputs, weights and gradients are checked on
+    every rank's tokens and shards and the first found on any rank is named; the routing saved is
+    this rank's (rank 0 writes)."""
     from moelab.moe.layer import MoELayer
 
-    first: list[str] = []
+    executed: list[str] = []  # modules in the order their forward ended (the same on every rank)
+    bad_out: list[bool] = []
     routing: dict[str, torch.Tensor] = {}
     hooks = []
     names = {m: n for n, m in model.named_modules()}
     for module in model.modules():
         def hook(mod, args, output, name=names[module]):
-            if not first and _nonfinite(output):
-                first.append(name or "(model)")
+            executed.append(name or "(model)")
+            bad_out.append(not any(bad_out) and _nonfinite(output))
             if isinstance(mod, MoELayer):
                 r = output[1]
                 if r is not None and r.logits_TE is not None:
@@ -67,11 +88,14 @@ def diagnose(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, out_dir:
         for h in hooks:
             h.remove()
         model.train(was)
-    bad_grad = next((n for n, p in model.named_parameters() if p.grad is not None and _nonfinite(p.grad)), None)
-    bad_param = next((n for n, p in model.named_parameters() if _nonfinite(p)), None)
+    first = _first_on_any_rank(bad_out, env)
+    params = list(model.named_parameters())
+    bad_grad = _first_on_any_rank([p.grad is not None and _nonfinite(_local(p.grad)) for _, p in params], env)
+    bad_param = _first_on_any_rank([_nonfinite(_local(p)) for _, p in params], env)
     d = Path(out_dir) / f"step_{step:06d}"
-    info = {"step": step, "reason": reason, "first_nonfinite_output": first[0] if first else None,
-            "first_nonfinite_gradient": bad_grad, "first_nonfinite_parameter": bad_param,
+    info = {"step": step, "reason": reason, "first_nonfinite_output": executed[first] if first is not None else None,
+            "first_nonfinite_gradient": params[bad_grad][0] if bad_grad is not None else None,
+            "first_nonfinite_parameter": params[bad_param][0] if bad_param is not None else None,
             "saved": sorted(routing), "directory": str(d)}
     if write:  # one process writes (rank 0)
         d.mkdir(parents=True, exist_ok=True)
@@ -91,11 +115,14 @@ def describe(info: dict) -> str:
 
 
 class SpikeDetector:
+    """The recent losses and the steps they belong to (skipped steps and spikes have no loss here)."""
+
     def __init__(self, factor: float, window: int):
         self.factor, self.window = factor, window
         self.history: list[float] = []
+        self.steps: list[int | None] = []
 
-    def check(self, loss: float) -> float | None:
+    def check(self, loss: float, step: int | None = None) -> float | None:
         """The median it exceeded when ``loss`` is a spike (then not added to the history), else None."""
         if self.factor > 0 and len(self.history) >= min(self.window, 5):
             recent = sorted(self.history[-self.window:])
@@ -103,4 +130,11 @@ class SpikeDetector:
             if loss > self.factor * median:
                 return median
         self.history.append(loss)
+        self.steps.append(step)
         return None
+
+    def drop_after(self, step: int) -> None:
+        """Forget the losses of steps after ``step`` (a rollback to the checkpoint of that step)."""
+        keep = [i for i, s in enumerate(self.steps) if s is None or s <= step]
+        self.history = [self.history[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]

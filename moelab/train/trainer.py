@@ -31,7 +31,7 @@ class NumericsError(MoelabError):
     """Training stopped by a numerics guard (non-finite step, loss spike)."""
 from moelab.checkpoint.layout import WEIGHTS
 from moelab.checkpoint.model_files import load_state_strict, read_weights
-from moelab.checkpoint.run import is_distributed, latest_checkpoint, recover_checkpoints, set_aside_newer
+from moelab.checkpoint.run import choose_checkpoint, is_distributed, recover_checkpoints
 from moelab.checkpoint.trainer_state import DataPosition, load_trainer_state, restore_rng, save_checkpoint
 from moelab.distributed.expert_parallel import expert_parallel_layers
 from moelab.distributed.runtime import (
@@ -50,6 +50,16 @@ from moelab.moe.layer import update_router_biases
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
 from moelab.train.metrics import MetricsLog, load_stats, parse_lines
 from moelab.train.numerics import SpikeDetector, describe, diagnose
+from moelab.train.objective import Shares, mtp_target_counts, rank_loss  # noqa: F401 (mtp_target_counts: API)
+from moelab.train.rollback import read_single_for_parallel
+from moelab.train.resume import (
+    DATA_KEY,
+    check_data_unchanged,
+    fingerprint_or_none,
+    resume_checkpoint,
+    resumed_config,
+    resumed_tokenizer,
+)
 
 METRICS = "metrics.jsonl"
 # Per-layer routing metrics of MoELayer.last_metrics logged every step (mean over MoE layers).
@@ -103,33 +113,6 @@ class Batches:
                 self.pos.epoch, self.pos.index = self.pos.epoch + 1, 0
         idx = torch.tensor(rows)
         return self.data.input_ids[idx], self.data.labels[idx]
-
-
-def mtp_target_counts(labels_BT: torch.Tensor, depths: int) -> list[int]:
-    """Targets of each MTP depth k = 1 .. ``depths`` in a batch (the model's rule: depth k scores token
-    i + k + 1 from position i, so its targets are labels[:, k + 1:]; depths a sequence is too short for
-    are left out)."""
-    T = labels_BT.shape[1]
-    return [int((labels_BT[:, k + 1:] != -100).sum()) for k in range(1, depths + 1) if T - k >= 2]
-
-
-def mtp_shares(local_counts: list[int], global_counts: list[int], world: int) -> list[float]:
-    """Per MTP depth, the factor that turns this rank's mean over its targets into its share of the
-    global mean (local targets x world / global targets; 0 where the depth has no target anywhere)."""
-    return [nl * world / ng if ng else 0.0 for nl, ng in zip(local_counts, global_counts)]
-
-
-def mtp_share_correction(mtp_losses: list[torch.Tensor], local_counts: list[int], global_counts: list[int],
-                         world: int) -> torch.Tensor:
-    """What turns the model's (1 / D_local) sum_k L_k (depths with a target on this rank) into
-    (1 / D_global) sum_k share_k L_k (depths with a target anywhere): each depth weighted by its global
-    token share, as the LM loss is."""
-    n = len(mtp_losses)
-    d_local = sum(1 for c in local_counts[:n] if c > 0)
-    d_global = sum(1 for c in global_counts[:n] if c > 0)
-    shares = mtp_shares(local_counts[:n], global_counts[:n], world)
-    wanted = sum(loss * w for loss, w in zip(mtp_losses, shares)) / max(d_global, 1)
-    return wanted - sum(mtp_losses) / max(d_local, 1)
 
 
 @torch.no_grad()
@@ -208,29 +191,35 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None,
+                 allow_data_change: bool = False):
         """``data``: already prepared data to reuse (experiments train many models on the same tokens).
         Launched by torchrun with several processes, each process constructs a Trainer with the same
-        arguments; :meth:`fit` joins the process group (``cfg.parallel``)."""
+        arguments; :meth:`fit` joins the process group (``cfg.parallel``). ``allow_data_change``: resume
+        even when the data files differ from the checkpoint's fingerprint (moelab.train.resume)."""
         self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
+        self.resume_from, self.data_files = None, fingerprint_or_none(cfg.data)
         self.env = None
         self.skips = self.rollbacks = 0
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window)
         if resume:
-            self._check_resume()
+            self._check_resume(allow_data_change)
         elif launched_world_size() <= 1:
             self._check_new_run()
 
     def _check_new_run(self) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise MoelabError(f"{self.run_dir} is a file, not a directory; choose another --out")
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise MoelabError(f"{self.run_dir} already exists and is not empty; pass --resume {self.run_dir} "
                               "to continue it, or choose another --out")
 
-    def _check_resume(self) -> None:
-        path = self.run_dir / RUN_CONFIG
-        if not path.is_file():
-            raise MoelabError(f"--resume {self.run_dir}: no {RUN_CONFIG} there; not a moelab run directory")
-        saved = TrainConfig.load(path)
+    def _check_resume(self, allow_data_change: bool = False) -> None:
+        # the checkpoint's verified run_config.yaml, not the run's config.yaml (in no manifest)
+        self.resume_from = resume_checkpoint(self.run_dir)
+        saved, path = resumed_config(self.run_dir, self.resume_from)
+        check_data_unchanged(self.resume_from, self.data_files or {"source": str(self.cfg.data), "files": {}},
+                             allow_data_change)
         diff = non_resumable(config_differences(saved, self.cfg))
         if diff:
             raise ConfigError(", ".join(diff), "changed",
@@ -260,7 +249,8 @@ class Trainer:
 
     def _setup_data(self) -> None:
         if self.data is None:
-            tok_path = self.run_dir / "tokenizer.json"
+            tok_path = (resumed_tokenizer(self.run_dir, self.resume_from) if self.resume  # the verified copy
+                        else self.run_dir / "tokenizer.json")
             tokenizer = Tokenizer.load(tok_path) if self.resume and tok_path.is_file() else None
             if self.env is not None and tokenizer is None:  # rank 0 trains it, the others read it
                 if self.is_main:
@@ -285,12 +275,8 @@ class Trainer:
                 warnings.warn(f"{self.run_dir}: {line}", stacklevel=2)
         if self.resume and env is not None:
             env.barrier()
-        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
-        if ckpt is not None and self.is_main:
-            for line in set_aside_newer(self.run_dir, ckpt):
-                warnings.warn(f"{self.run_dir}: resuming from {ckpt.name}; set aside {line}", stacklevel=2)
-        if ckpt is not None and env is not None:
-            env.barrier()
+        # every rank hashes a share of each candidate, rank 0 decides and sets newer ones aside
+        ckpt = choose_checkpoint(self.run_dir, env, set_aside=True) if self.resume else None
         # a single-process checkpoint's weights go in before parallelizing (its optimizer state is kept by
         # parameter name, to shard after)
         single = self._read_single(ckpt, shard_later=env is not None) if ckpt is not None and not is_distributed(ckpt) \
@@ -343,22 +329,18 @@ class Trainer:
         return meta
 
     # ---- loop --------------------------------------------------------------------------------------
-    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, float, tuple | None]:
-        """The next micro-batch (this rank's share of the global one), the factor that turns this
-        rank's mean token loss into its share of the global mean (1 in one process; ranks can hold
-        different numbers of real tokens when rows end in padding), and each MTP depth's (local, global)
-        target counts (None in one process)."""
+    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor, Shares]:
+        """The next micro-batch (this rank's share of the global one) and the global target counts
+        that turn this rank's summed losses into its share of the global means (ranks can hold
+        different numbers of real targets, none at all, when rows end in padding)."""
         ids, labels = batches.next()
-        if self.env is None:
-            return ids, labels, 1.0, None
         depths = len(self.model.mtp) if getattr(self.model, "mtp", None) is not None else 0
-        n_global, d_global = int((labels[:, 1:] != -100).sum()), mtp_target_counts(labels, depths)
+        shares = Shares.of(labels, depths, self.env.world if self.env is not None else 1)
+        if self.env is None:
+            return ids, labels, shares
         lo = self.env.rank * self.local_batch
         ids, labels = ids[lo:lo + self.local_batch], labels[lo:lo + self.local_batch]
-        ids, labels = ids.to(self.env.device), labels.to(self.env.device)
-        n_local, d_local = int((labels[:, 1:] != -100).sum()), mtp_target_counts(labels, depths)
-        world = self.env.world
-        return ids, labels, n_local * world / max(n_global, 1), (d_local, d_global)
+        return ids.to(self.env.device), labels.to(self.env.device), shares
 
     def train_step(self, batches: Batches) -> dict:
         cfg, model, env = self.cfg, self.model, self.env
@@ -377,28 +359,24 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             if fsdp:  # FSDP2 reduce-scatters the gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            ids, labels, scale, mtp_counts = self._micro_batch(batches)
+            ids, labels, shares = self._micro_batch(batches)
             # balance-loss counts over every rank's tokens (the global batch's), in the forward and in
             # activation checkpointing's recompute during backward alike
             stats = global_statistics(torch.distributed.group.WORLD) if env is not None else nullcontext()
             with stats:
                 out = model(ids, labels=labels)
-                # the objective: lm loss as this rank's share of the global token mean, aux losses as they are
-                if scale == 0.0:  # no target in this rank's share: its lm (and MTP) terms are empty, not NaN
-                    loss = sum(out.aux_losses.values(), out.lm_loss.new_zeros(()))
-                else:
-                    loss = out.loss if scale == 1.0 else out.loss + (scale - 1.0) * out.lm_loss
-                    if mtp_counts and out.mtp_losses:  # each depth's loss as this rank's share of its global mean
-                        loss = loss + model.mtp_weight * mtp_share_correction(out.mtp_losses, *mtp_counts, env.world)
+                # the objective: summed losses x world / global targets, aux losses as they are; the same
+                # graph on every rank, an empty share adds exactly 0 (moelab/train/objective.py). One
+                # process: out.loss, equal bit for bit
+                part = rank_loss(out, shares, model.mtp_weight)
+                loss = part.loss if env is not None else out.loss
                 (loss / cfg.grad_accum).backward()
-            lm_share = out.lm_loss * scale if scale else out.lm_loss.new_zeros(())
-            for name, value in [("loss", loss), ("lm_loss", lm_share), *out.aux_losses.items()]:
+            for name, value in [("loss", loss), ("lm_loss", part.lm), *out.aux_losses.items()]:
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
-            shares = mtp_shares(*mtp_counts, env.world) if mtp_counts else [1.0] * len(out.mtp_losses)
-            for k, value in enumerate(out.mtp_losses):  # unweighted, per depth (the rank's share of the global mean)
+            for k, value in enumerate(part.mtp):  # unweighted, per depth (the rank's share of the global mean)
                 if k == len(mtp_sums):
                     mtp_sums.append(0.0)
-                mtp_sums[k] += float(value.detach()) * shares[k] / cfg.grad_accum
+                mtp_sums[k] += float(value.detach()) / cfg.grad_accum
             layer_counts = [layer.last_counts_E.float() for layer in model.moe_layers()]
             counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
             for key in ROUTING_METRICS:  # mean over MoE layers, then over micro-batches
@@ -458,7 +436,8 @@ class Trainer:
             return False
         step = self.step + 1
         reason = f"loss {loss:g}, gradient norm {grad_norm:g}"
-        info = diagnose(self.model, ids, labels, self.run_dir / "diagnostics", step, reason, write=self.is_main)
+        info = diagnose(self.model, ids, labels, self.run_dir / "diagnostics", step, reason, write=self.is_main,
+                        env=self.env)
         if cfg.nonfinite == "stop" or self.skips >= cfg.max_skips:
             why = "nonfinite=stop" if cfg.nonfinite == "stop" else f"max_skips={cfg.max_skips} reached"
             raise NumericsError(f"step {step}: non-finite training step ({reason}); {describe(info)}. Stopped "
@@ -479,7 +458,7 @@ class Trainer:
         cfg = self.cfg
         if record["kind"] != "train" or not cfg.spike_factor:
             return False
-        median = self.spikes.check(record["loss"])
+        median = self.spikes.check(record["loss"], record["step"])
         if median is None:
             return False
         record["spike"] = {"median": median, "factor": record["loss"] / median}
@@ -504,11 +483,15 @@ class Trainer:
         if self.rollbacks >= cfg.max_rollbacks:
             raise NumericsError(f"{what}; max_rollbacks={cfg.max_rollbacks} already used: stopped")
         self.rollbacks += 1
-        ckpt = latest_checkpoint(self.run_dir)
-        meta = self._restore(ckpt)
+        ckpt = choose_checkpoint(self.run_dir, self.env)  # the same on every rank
+        # N ranks back to a 1-process checkpoint (a run resumed in another layout): weights through a plain copy
+        single = (read_single_for_parallel(ckpt, self.model, self.cfg, make_optimizer)
+                  if self.env is not None and not is_distributed(ckpt) else None)
+        meta = self._restore(ckpt, single)
         from_step, self.step = self.step, meta["step"]
-        # the history holds steps 1 .. from_step - 1 (a spike is not added): drop those after the checkpoint
-        self.spikes.history = self.spikes.history[:max(0, len(self.spikes.history) - (from_step - 1 - self.step))]
+        # the history holds the losses of the steps that had one (not a spike, not a skipped step): drop
+        # those after the checkpoint, by step
+        self.spikes.drop_after(self.step)
         warnings.warn(f"{what}; rolled back to {ckpt.name}, continuing on the data after the spike "
                       f"({self.rollbacks}/{cfg.max_rollbacks})", stacklevel=3)
         if log is not None:  # steps after the checkpoint are dropped from the log, the event is kept
@@ -592,6 +575,7 @@ class Trainer:
             self.tokenizer.save(self.run_dir / "tokenizer.json")
         log = (MetricsLog(self.run_dir / METRICS, truncate_after=self.step if self.resume else 0,
                           tensorboard=cfg.tensorboard) if self.is_main else None)
+        self._log = log  # synced to disk before every checkpoint (_save)
         if not self.resume and log is not None:
             log.write({"kind": "meta", "step": 0, "unigram_entropy": self.entropy,
                        "train_sequences": len(self.train_data.input_ids), "val_sequences": len(self.val_data.input_ids),
@@ -653,9 +637,12 @@ class Trainer:
         return val
 
     def _guard_counts(self) -> dict:
-        return {"skips": self.skips, "rollbacks": self.rollbacks}
+        return {"skips": self.skips, "rollbacks": self.rollbacks,  # + the data's fingerprint (moelab.train.resume)
+                **({DATA_KEY: self.data_files} if self.data_files is not None else {})}
 
     def _save(self) -> None:
+        if getattr(self, "_log", None) is not None:  # the logged steps are durable before the checkpoint
+            self._log.sync()
         if self.env is not None:
             from moelab.checkpoint.distributed import save_distributed_checkpoint
 
@@ -713,9 +700,11 @@ def _progress(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None) -> RunResult:
-    """Train ``cfg`` into ``run_dir`` (or continue it with ``resume=True``)."""
-    return Trainer(cfg, run_dir, resume=resume, data=data).fit()
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, data: RunData | None = None,
+          allow_data_change: bool = False) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (or continue it with ``resume=True``; ``allow_data_change``: on
+    data that differs from the checkpoint's fingerprint)."""
+    return Trainer(cfg, run_dir, resume=resume, data=data, allow_data_change=allow_data_change).fit()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
