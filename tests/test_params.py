@@ -97,7 +97,7 @@ def test_deepseek_v3_mtp_counted_apart():
     671B + MTP with its own copies of the embedding and head)."""
     cfg = PRESETS["deepseek-v3"]()
     c = count_params(cfg)
-    D, m = cfg.d_model, cfg.moe
+    D = cfg.d_model
     layer = formula_count(cfg)[0] - formula_count(dataclasses.replace(cfg, num_layers=60))[0]  # one MoE layer
     assert c.mtp_params == 2 * D * D + 3 * D + layer
     assert round(c.mtp_params / 1e9, 1) == 11.6
