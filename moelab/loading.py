@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from moelab.checkpoint.integrity import MANIFEST, verify_file
-from moelab.checkpoint.layout import CONFIG
+from moelab.checkpoint.integrity import is_moelab_manifest, verify_file
+from moelab.checkpoint.layout import CONFIG, DCP_DIR, STATE_JSON, WEIGHTS
 from moelab.checkpoint.model_files import load_model
 from moelab.checkpoint.run import resolve_checkpoint
 from moelab.errors import CheckpointError
@@ -47,10 +47,18 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     return model
 
 
+def _holds_a_model(directory: Path) -> bool:
+    """A moelab model or checkpoint directory (its weights or its trainer state are there, beside
+    config.yaml), which always has a manifest; a run directory that never saved a checkpoint has
+    config.yaml and tokenizer.json but no weights, and none."""
+    return (directory / CONFIG).is_file() and any((directory / name).exists() for name in (WEIGHTS, STATE_JSON, DCP_DIR))
+
+
 def load_tokenizer(path: str | os.PathLike, allow_unverified: bool | None = None):
     """The tokenizer saved beside a model: ``tokenizer.json`` in the checkpoint, run or model directory,
-    checked against the directory's manifest when it has one (a moelab directory without one loads
-    with a warning, as :func:`load` does; an HF directory has none)."""
+    checked against the directory's manifest when it has one (a moelab model or checkpoint directory
+    without one loads with a warning, as :func:`load` does; a run directory without checkpoints and an
+    HF directory have none: a ``manifest.json`` of another tool in an HF directory is ignored)."""
     from moelab.data import Tokenizer
 
     path = Path(path)
@@ -59,6 +67,6 @@ def load_tokenizer(path: str | os.PathLike, allow_unverified: bool | None = None
     tok = directory / TOKENIZER
     if not tok.is_file():
         raise CheckpointError(f"{path}: no tokenizer.json; generation needs the tokenizer saved with the model")
-    if (directory / MANIFEST).is_file() or (directory / CONFIG).is_file():  # written by moelab, with a manifest
+    if _holds_a_model(directory) or is_moelab_manifest(directory):  # written by moelab, with a manifest
         verify_file(directory, TOKENIZER, allow_unverified=allow_unverified)
     return Tokenizer.load(tok)

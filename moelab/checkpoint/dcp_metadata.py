@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ _ALLOWED = {
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
     "torch": {"Size"},
 }
+
+
+_SHARD = re.compile(r"^__(\d+)_")  # DCP's FileSystemWriter names: __{rank}_{i}.distcp
 
 
 def rng_file(rank: int) -> str:
@@ -56,6 +60,9 @@ def read_dcp_metadata(dcp_dir: Path):
         raise
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); it may be truncated") from e
+    problem = _shape_problem(metadata)
+    if problem:
+        raise CheckpointError(f"{path}: not DCP metadata ({problem}); the file was damaged or forged")
     for rel in storage_files(metadata):
         why = unsafe_path(Path(dcp_dir), rel)
         if why:
@@ -64,10 +71,28 @@ def read_dcp_metadata(dcp_dir: Path):
     return metadata
 
 
+def _shape_problem(metadata) -> str | None:
+    """Why an object unpickled (safely) from ``.metadata`` is not a usable DCP Metadata, or None: the
+    unpickler admits DCP's classes, not that they are put together as DCP puts them."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata):
+        return f"a {type(metadata).__name__}, not a Metadata"
+    if not isinstance(metadata.state_dict_metadata, dict):
+        return f"its state_dict_metadata is a {type(metadata.state_dict_metadata).__name__}, not a dict"
+    storage = metadata.storage_data
+    if not isinstance(storage, dict):
+        return f"its storage_data is a {type(storage).__name__}, not a dict"
+    for info in storage.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str):
+            return f"a storage entry {type(info).__name__} has no file name (relative_path {rel!r})"
+    return None
+
+
 def storage_files(metadata) -> list[str]:
     """The files (relative to ``dcp/``) that hold the checkpoint's tensors, by DCP's own metadata."""
-    storage = getattr(metadata, "storage_data", None) or {}
-    return sorted({str(getattr(info, "relative_path", info)) for info in storage.values()})
+    return sorted({info.relative_path for info in metadata.storage_data.values()})  # checked by read_dcp_metadata
 
 
 def rank_files(dcp_dir: Path, rank: int) -> list[Path]:
@@ -82,9 +107,18 @@ def check_dcp_files(ckpt: Path, entries: dict | None = None) -> None:
     ckpt = Path(ckpt)
     metadata = read_dcp_metadata(ckpt / DCP_DIR)
     try:
-        world = int(json.loads((ckpt / STATE_JSON).read_text()).get("world", 1))
+        world = json.loads((ckpt / STATE_JSON).read_text()).get("world", 1)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{ckpt / STATE_JSON}: unreadable ({e})") from e
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+        raise CheckpointError(f"{ckpt / STATE_JSON}: 'world' is {world!r}, not a number of ranks (an int >= 1); "
+                              "the file was damaged or edited")
+    beyond = [rel for rel in storage_files(metadata) if (m := _SHARD.match(rel)) and int(m.group(1)) >= world]
+    if beyond:
+        rank = int(_SHARD.match(beyond[0]).group(1))
+        raise CheckpointError(f"{ckpt}: {DCP_DIR}/.metadata names {', '.join(beyond[:3])} (written by rank {rank}), but "
+                              f"{STATE_JSON} says {world} rank{'s' if world != 1 else ''} saved it; the two disagree "
+                              "(damaged or mixed-up files): resume from an earlier checkpoint")
     if entries is None and (ckpt / MANIFEST).is_file():
         try:
             manifest = json.loads((ckpt / MANIFEST).read_text())

@@ -46,13 +46,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moelab.checkpoint.atomic import write_marker
 from moelab.checkpoint.dcp_metadata import check_dcp_files, rank_files, read_dcp_metadata, rng_file
 from moelab.checkpoint.integrity import file_digest, write_manifest
 from moelab.checkpoint.layout import CHECKPOINTS, CONFIG, DCP_DIR, STATE_JSON
 from moelab.checkpoint.run import prune
 from moelab.config import save_config
 from moelab.errors import CheckpointError
-from moelab.fileio import fsync_dir, fsync_path
+from moelab.fileio import fsync_dir, fsync_path, make_dirs
 
 
 class SafeReader(FileSystemReader):
@@ -123,10 +124,16 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-dcp"
+    error = None
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    env.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_dirs(tmp)  # checkpoints/ durable in the run directory
+        except Exception as e:  # the others are waiting: tell them (this broadcast is also the barrier)
+            error = f"could not write checkpoint {target.name}: {type(e).__name__}: {e}"
+    error = _broadcast_from_main(error, env)
+    if error:
+        raise CheckpointError(error)
     state, groups = _tensor_state(model, optimizer)
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))  # fsyncs each shard
@@ -134,13 +141,13 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    torch.save(_rng_state(), tmp / rng_file(env.rank))
-    try:
+    try:  # any failure here is reported to rank 0, which tells every rank: none waits for the timeout
+        torch.save(_rng_state(), tmp / rng_file(env.rank))
         mine: dict | str = _own_files(tmp, env.rank)
-    except OSError as e:
-        mine = f"rank {env.rank}: {e}"
+    except Exception as e:
+        mine = f"rank {env.rank}: {type(e).__name__}: {e}"
     gathered = _gather_to_main(mine, env)
-    error = None
+    failure = None
     if env.is_main:
         try:
             failed = [g for g in gathered if isinstance(g, str)]
@@ -155,6 +162,7 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
             known = {rel: e for g in gathered for rel, e in g.items()}
             check_dcp_files(tmp, entries=known)  # every shard .metadata names and every RNG file, hashed
+            write_marker(tmp, "checkpoint")  # .moelab, as in every directory moelab writes whole
             write_manifest(tmp, known=known)  # hashes the small files; fsyncs them, dcp/ and tmp/
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -165,15 +173,23 @@ def save_distributed_checkpoint(run_dir: Path, step: int, model, optimizer, sche
             else:
                 os.replace(tmp, target)
             fsync_dir(root)
-        except (OSError, CheckpointError) as e:
+        except Exception as e:  # any failure, not only a disk's: the others are waiting for the verdict
             shutil.rmtree(tmp, ignore_errors=True)
-            error = f"could not write checkpoint {target.name}: {e}"
+            failure = e
+            error = f"could not write checkpoint {target.name}: " + (
+                str(e) if isinstance(e, (OSError, CheckpointError)) else f"{type(e).__name__}: {e}")
     error = _broadcast_from_main(error, env)
     if error:
-        raise CheckpointError(error)
+        raise CheckpointError(error) from failure
+    pruned = None
     if env.is_main:
-        prune(run_dir, keep_last)
+        try:
+            prune(run_dir, keep_last)
+        except Exception as e:  # the checkpoint is saved; an old one left behind is no reason to stop
+            pruned = f"{root}: could not delete old checkpoints ({type(e).__name__}: {e}); they are kept"
     env.barrier()
+    if pruned:
+        warnings.warn(pruned, stacklevel=2)
     return target
 
 

@@ -23,10 +23,12 @@ import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moelab.checkpoint.layout import CONFIG, DCP_DIR, REQUIRED, REQUIRED_DCP, STATE_JSON, WEIGHTS
 from moelab.errors import CheckpointError
 from moelab.fileio import fsync_dir, fsync_path
 
@@ -142,9 +144,25 @@ def write_manifest(directory: Path, known: dict[str, dict] | None = None) -> Pat
 def read_manifest(directory: Path) -> dict:
     """The ``files`` of ``directory``'s manifest (entries not validated: see entry_problem); a
     CheckpointError when it is missing or not a moelab manifest."""
+    return _read_manifest(directory)[0]
+
+
+def is_moelab_manifest(directory: Path) -> bool:
+    """Whether ``directory`` holds a manifest.json that moelab wrote (its ``format`` says so; damaged
+    entries or not): another tool's manifest.json in a Hugging Face directory is none of moelab's."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("moelab-manifest")
+
+
+def _read_manifest(directory: Path) -> tuple[dict, str]:
+    """(the manifest's ``files``, the SHA-256 of the bytes they were parsed from)."""
     path = Path(directory) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        raw = path.read_bytes()
+        manifest = json.loads(raw.decode())
         if not isinstance(manifest, dict):
             raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
         if manifest.get("format") != FORMAT:
@@ -154,7 +172,7 @@ def read_manifest(directory: Path) -> dict:
             raise ValueError(f"'files' is {type(entries).__name__}, not an object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{MANIFEST} is unreadable ({e})") from e
-    return entries
+    return entries, hashlib.sha256(raw).hexdigest()
 
 
 @dataclass
@@ -167,6 +185,8 @@ class Verification:
     # read by moelab's loaders, reported but not a failure
     extra: list[str] = field(default_factory=list)
     has_manifest: bool = True
+    # the SHA-256 of the manifest this process read (processes that share the hashing must agree on it)
+    manifest_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -211,7 +231,7 @@ def check_directory(directory: Path, require_manifest: bool = True, part: tuple[
                               "directory not written by moelab)")
         return v
     try:
-        entries = read_manifest(directory)
+        entries, v.manifest_sha256 = _read_manifest(directory)
     except CheckpointError as e:
         v.problems.append(str(e))
         return v
@@ -252,9 +272,20 @@ def check_directory(directory: Path, require_manifest: bool = True, part: tuple[
     return v
 
 
+def required_files(directory: Path) -> set[str]:
+    """The files the layout of ``directory`` always has (moelab.checkpoint.layout): a checkpoint's
+    (it has ``trainer_state.json``), else a model directory's config and weights."""
+    directory = Path(directory)
+    if (directory / STATE_JSON).is_file():
+        return set(REQUIRED) | set(REQUIRED_DCP)
+    return {CONFIG, WEIGHTS, f"{DCP_DIR}/.metadata"}
+
+
 def verify_file(directory: Path, rel: str, allow_unverified: bool | None = None) -> None:
     """Check one file of ``directory`` (a tokenizer beside a model) against the manifest, when there is
-    one; a file the manifest does not list is loaded with a warning (added after the manifest)."""
+    one. A file the manifest does not list is an error when the layout requires it (a checkpoint's
+    tokenizer, a model's config or weights) or the manifest names a file that is not there (a damaged
+    key: the entry may be this file's); otherwise it is loaded with a warning (added after the manifest)."""
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         _warn_unverified(directory, allow_unverified)
@@ -262,6 +293,12 @@ def verify_file(directory: Path, rel: str, allow_unverified: bool | None = None)
     entries = read_manifest(directory)  # a CheckpointError when unreadable
     confined(directory, rel)
     if rel not in entries:
+        dangling = sorted(k for k in entries if not unsafe_path(directory, k) and not (directory / k).is_file())
+        if rel in required_files(directory) or dangling:
+            why = (f"it names {dangling[0]!r}, which is not there: a damaged key?" if dangling else
+                   "every such directory lists it: the manifest was damaged or edited")
+            raise CheckpointError(f"{directory / rel}: not in {directory / MANIFEST} ({why}); the file cannot be "
+                                  f"verified; run `moelab ckpt verify {directory}`")
         warnings.warn(f"{directory / rel}: not in {directory / MANIFEST} (added after it was written); "
                       "loading it unverified", stacklevel=3)
         return
@@ -281,7 +318,18 @@ def verify_file(directory: Path, rel: str, allow_unverified: bool | None = None)
 # twice, and hashing gigabytes of weights twice buys nothing while no file has changed. A rewrite that
 # keeps the size and restores the modification time still changes the change time (ctime cannot be
 # set back). `moelab ckpt verify` and the torture harness call check_directory, which always hashes.
+# A file changed within one timestamp tick of the verification (on a filesystem with coarse
+# timestamps, a same-size rewrite in the same second keeps mtime and ctime) would look unchanged, so a
+# directory is remembered only when every file is older than RACY_NS when verification starts (git's
+# "racily clean" rule): a directory written seconds ago is hashed again at every load.
 _verified: dict[Path, tuple] = {}
+RACY_NS = 2 * 10**9
+_clock = time.time_ns  # the clock of that rule (tests move it on)
+
+
+def _settled(signature: tuple, start_ns: int) -> bool:
+    """Whether every file of ``signature`` was last modified (mtime and ctime) RACY_NS before ``start_ns``."""
+    return all(max(mtime, ctime) < start_ns - RACY_NS for *_, mtime, ctime in signature)
 
 
 def _signature(directory: Path) -> tuple:
@@ -303,13 +351,15 @@ def verify_directory(directory: Path, require_manifest: bool = False, allow_unve
     """Raise CheckpointError naming the first corrupt file. A directory without a manifest is an error
     with ``require_manifest``, else it passes unverified (``has_manifest`` False) with a warning unless
     ``allow_unverified`` (default: ``MOELAB_ALLOW_UNVERIFIED``). A directory verified before in this
-    process, with no file changed since (inode, size, mtime, ctime), is not hashed again.
+    process, with no file changed since (inode, size, mtime, ctime) and every file older than RACY_NS
+    when it was verified, is not hashed again.
     ``part=(rank, world)``: hash only this process's share (never remembered)."""
     key = Path(directory).resolve()
     has_manifest = (key / MANIFEST).is_file()
     if not has_manifest and not require_manifest:
         _warn_unverified(Path(directory), allow_unverified)
         return Verification(Path(directory), has_manifest=False)
+    start = _clock()
     signature = _signature(key) if part is None else None
     if signature is not None and _verified.get(key) == signature:
         return Verification(Path(directory))
@@ -318,6 +368,6 @@ def verify_directory(directory: Path, require_manifest: bool = False, allow_unve
         more = f" (and {len(v.problems) - 1} more)" if len(v.problems) > 1 else ""
         raise CheckpointError(f"{directory}: {v.problems[0]}{more}; run `moelab ckpt verify {directory}` for the "
                               "list, resume from an earlier checkpoint or re-save it")
-    if signature is not None:
+    if signature is not None and _settled(signature, start):
         _verified[key] = signature
     return v

@@ -81,28 +81,37 @@ def recover_checkpoints(run_dir: Path) -> list[str]:
     return done
 
 
-def _assess(ckpt: Path, allow_unverified: bool, part: tuple[int, int] | None) -> tuple[str, str]:
-    """("ok" | "unverified" | "bad", why) for one checkpoint: complete and matching its manifest, or
-    without a manifest, or incomplete/corrupt/malformed (this process's ``part`` of the hashing)."""
+def _assess(ckpt: Path, allow_unverified: bool, part: tuple[int, int] | None) -> tuple[str, str, str | None]:
+    """("ok" | "unverified" | "bad", why, the SHA-256 of the manifest read) for one checkpoint: complete
+    and matching its manifest, or without a manifest, or incomplete/corrupt/malformed (this process's
+    ``part`` of the hashing). Nothing raises: any failure (a disk error, a file of the wrong shape) is
+    "bad" with its reason, so every process reaches the next collective."""
     try:
         check_complete(ckpt)
         v = verify_directory(ckpt, allow_unverified=True, part=part)
     except CheckpointError as e:
-        return "bad", str(e)
-    except OSError as e:  # unreadable: a disk error, a permission
-        return "bad", f"{ckpt}: {e}"
+        return "bad", str(e), None
+    except Exception as e:  # unreadable (a disk error, a permission), or damaged beyond what is checked
+        return "bad", f"{ckpt}: {type(e).__name__}: {e}", None
     if not v.has_manifest and not allow_unverified:
         return "unverified", (f"{MANIFEST} is missing (every checkpoint moelab writes has one: lost or removed; "
-                              f"{ALLOW_ENV}=1 accepts checkpoints from before manifests)")
-    return "ok", ""
+                              f"{ALLOW_ENV}=1 accepts checkpoints from before manifests)"), None
+    return "ok", "", v.manifest_sha256
 
 
-def _worst(results: list[tuple[str, str]]) -> tuple[str, str]:
-    """One verdict from every process's: any "bad" is bad, then any "unverified"."""
-    for status in ("bad", "unverified"):
-        for r in results:
-            if r[0] == status:
-                return tuple(r)
+def _worst(results: list[tuple]) -> tuple[str, str]:
+    """One verdict from every process's: any "bad" is bad; processes that read different manifests (each
+    hashed its share of its own view, so a file may have been hashed by none) are bad; then any
+    "unverified"."""
+    for r in results:
+        if r[0] == "bad":
+            return "bad", r[1]
+    if len({r[2] if len(r) > 2 else None for r in results}) > 1:
+        return "bad", (f"the processes read different {MANIFEST} files (a stale network-filesystem copy, or "
+                       "node-local disks), so their shares of the hashing do not cover the checkpoint")
+    for r in results:
+        if r[0] == "unverified":
+            return "unverified", r[1]
     return "ok", ""
 
 
@@ -118,40 +127,51 @@ def latest_checkpoint(run_dir: Path, verify: bool = True, allow_unverified: bool
     Several processes choose together (:func:`choose_checkpoint`): ``names`` is rank 0's listing,
     ``part`` this process's share of the hashing and ``combine`` merges every process's verdict on a
     candidate into one, so every process takes the same path; ``warn``: this process reports."""
+    notes: list[str] = []
+    try:
+        return _latest(run_dir, verify, allow_unverified, part, combine, names, notes)
+    finally:
+        for note in notes if warn else ():
+            warnings.warn(note, stacklevel=2)
+
+
+def _latest(run_dir: Path, verify: bool, allow_unverified: bool | None, part: tuple[int, int] | None, combine,
+            names: list[str] | None, notes: list[str]) -> Path:
+    """:func:`latest_checkpoint`, its warnings appended to ``notes`` (issued by the caller: between two
+    collectives a warning may raise, under ``-W error``, on one process alone)."""
     allow = allow_unverified_default() if allow_unverified is None else allow_unverified
     root = Path(run_dir) / CHECKPOINTS
     dirs = [root / n for n in names] if names is not None else checkpoint_dirs(run_dir)
-    if root.is_dir() and warn:  # an interrupted re-save left the old copy aside: say so (resuming repairs it)
-        for p in root.iterdir():
-            m = _HIDDEN.match(p.name)
-            if m and m.group(2) == "old" and not (root / m.group(1)).exists():
-                warnings.warn(f"{root}: {m.group(1)} was being replaced when a process died (its previous copy is "
-                              f"{p.name}); resume the run to restore it", stacklevel=2)
+    try:  # an interrupted re-save left the old copy aside: say so (resuming repairs it)
+        hidden = sorted(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        hidden = []
+    for p in hidden:
+        m = _HIDDEN.match(p.name)
+        if m and m.group(2) == "old" and not (root / m.group(1)).exists():
+            notes.append(f"{root}: {m.group(1)} was being replaced when a process died (its previous copy is "
+                         f"{p.name}); resume the run to restore it")
     if not dirs:
         raise CheckpointError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/; train with --save-every or let a run finish")
     if not verify:
         return dirs[-1]
     skipped, unverified = [], []
     for ckpt in reversed(dirs):
-        status, why = _assess(ckpt, allow, part)
-        if combine is not None:
-            status, why = combine((status, why))
+        verdict = _assess(ckpt, allow, part)
+        status, why = combine(verdict) if combine is not None else verdict[:2]
         if status == "bad":
             skipped.append(f"{ckpt.name} ({why})")
-            if warn:
-                warnings.warn(f"skipping checkpoint {ckpt}: {why}", stacklevel=2)
+            notes.append(f"skipping checkpoint {ckpt}: {why}")
             continue
         if status == "unverified":
             unverified.append((ckpt, why))
             continue
-        for newer, reason in unverified if warn else ():
-            warnings.warn(f"skipping checkpoint {newer}: {reason}; taking the older, verified {ckpt.name}",
-                          stacklevel=2)
+        for newer, reason in unverified:
+            notes.append(f"skipping checkpoint {newer}: {reason}; taking the older, verified {ckpt.name}")
         return ckpt
     if unverified:
         ckpt, reason = unverified[0]
-        if warn:
-            warnings.warn(f"no verified checkpoint in {run_dir}: taking {ckpt} UNVERIFIED ({reason})", stacklevel=2)
+        notes.append(f"no verified checkpoint in {run_dir}: taking {ckpt} UNVERIFIED ({reason})")
         return ckpt
     raise CheckpointError(f"{run_dir}: no intact checkpoint; every one failed verification: {'; '.join(skipped)}")
 
@@ -160,7 +180,11 @@ def choose_checkpoint(run_dir: Path, env=None, set_aside: bool = False) -> Path:
     """The checkpoint to resume or roll back to, the same on every process: rank 0 lists the candidates,
     every rank hashes its share of each (about 1/world of its bytes) until all agree one is intact,
     and rank 0 alone sets newer ones aside (``set_aside``, on resume), after every rank has finished
-    reading. ``env``: the DistEnv (None: one process)."""
+    reading. ``env``: the DistEnv (None: one process).
+
+    A failure on one process alone (rank 0's listing or renaming, any rank's reading) is broadcast and
+    raised on every process at once, as a CheckpointError, never left for the others to wait out
+    ``parallel.timeout_s``; rank 0 warns only after the last collective."""
     if env is None or env.world <= 1:
         ckpt = latest_checkpoint(run_dir)
         if set_aside:
@@ -169,24 +193,45 @@ def choose_checkpoint(run_dir: Path, env=None, set_aside: bool = False) -> Path:
         return ckpt
     import torch.distributed as dist
 
-    box = [[d.name for d in checkpoint_dirs(run_dir)] if env.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    def from_main(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    listing = None
+    if env.is_main:
+        try:
+            listing = [d.name for d in checkpoint_dirs(run_dir)]
+        except Exception as e:  # the others are waiting for the list
+            listing = f"could not list {Path(run_dir) / CHECKPOINTS}: {type(e).__name__}: {e}"
+    listing = from_main(listing)
+    if isinstance(listing, str):
+        raise CheckpointError(f"{run_dir}: {listing}")
 
     def combine(verdict):
         every = [None] * env.world
         dist.all_gather_object(every, verdict)
         return _worst(every)
 
-    error = None
+    notes: list[str] = []
+    error = ckpt = None
     try:
-        ckpt = latest_checkpoint(run_dir, part=(env.rank, env.world), combine=combine, names=box[0],
-                                 warn=env.is_main)
+        ckpt = _latest(run_dir, True, None, (env.rank, env.world), combine, listing, notes)
     except CheckpointError as e:  # the same on every rank: every verdict was combined
         error = e
+    failed = None
     if error is None and set_aside and env.is_main:
-        for line in set_aside_newer(run_dir, ckpt):
-            warnings.warn(f"{run_dir}: resuming from {ckpt.name}; set aside {line}", stacklevel=2)
-    env.barrier()
+        try:
+            for line in set_aside_newer(run_dir, ckpt):
+                notes.append(f"{run_dir}: resuming from {ckpt.name}; set aside {line}")
+        except Exception as e:  # the others are waiting: tell them
+            failed = (f"{run_dir}: could not set aside the checkpoints after {ckpt.name} ({type(e).__name__}: {e}); "
+                      "move them out of checkpoints/ by hand and resume again")
+    failed = from_main(failed)  # also the barrier: no rank reads while rank 0 renames
+    for note in notes if env.is_main else ():
+        warnings.warn(note, stacklevel=2)
+    if failed:
+        raise CheckpointError(failed)
     if error is not None:
         raise error
     return ckpt

@@ -7,8 +7,10 @@ non-zero exit and no traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 from moelab.cli import analyze, bench, ckpt, compare, data, experiment, generate, model, train
 from moelab.cli import eval as evaluate
@@ -35,7 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true",
                            help="write into --out even when it is a non-empty directory moelab did not write")
             p.set_defaults(check_out=True)
+        if p.prog.split()[1] in READS_CHECKPOINTS:
+            p.add_argument("--allow-unverified", action="store_true",
+                           help="load a model or checkpoint without manifest.json (written before manifests) without "
+                                "the warning, and resume from it like a verified one (MOELAB_ALLOW_UNVERIFIED=1)")
     return parser
+
+
+# commands that load a model, checkpoint or run: --allow-unverified (docs/reliability.md)
+READS_CHECKPOINTS = ("train", "generate", "analyze", "eval", "convert", "experiment")
+
+
+@contextmanager
+def _allow_unverified(on: bool):
+    """MOELAB_ALLOW_UNVERIFIED=1 for one command (and the processes it starts: torchrun)."""
+    from moelab.checkpoint.integrity import ALLOW_ENV
+
+    before = os.environ.get(ALLOW_ENV)
+    if on:
+        os.environ[ALLOW_ENV] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop(ALLOW_ENV, None)
+        elif on:
+            os.environ[ALLOW_ENV] = before
 
 
 # commands with their own --out rules: train (a new run needs an empty directory), ckpt (torture)
@@ -90,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # before any work: a plain file or someone else's directory is refused, never overwritten
             prepare_output_dir(args.out, force=args.force)
-        return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
+        with _allow_unverified(getattr(args, "allow_unverified", False)):
+            return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
     except (MoelabError, ValueError, FileNotFoundError) as e:
         if args.debug:
             raise

@@ -29,6 +29,7 @@ from moelab.errors import CheckpointError, ConfigError, MoelabError
 
 class NumericsError(MoelabError):
     """Training stopped by a numerics guard (non-finite step, loss spike)."""
+from moelab.checkpoint.atomic import MARKER, mark_output_dir
 from moelab.checkpoint.layout import WEIGHTS
 from moelab.checkpoint.model_files import load_state_strict, read_weights
 from moelab.checkpoint.run import choose_checkpoint, is_distributed, recover_checkpoints
@@ -199,6 +200,7 @@ class Trainer:
         even when the data files differ from the checkpoint's fingerprint (moelab.train.resume)."""
         self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
         self.resume_from, self.data_files = None, fingerprint_or_none(cfg.data)
+        self.allow_data_change = allow_data_change
         self.env = None
         self.skips = self.rollbacks = 0
         self.spikes = SpikeDetector(cfg.spike_factor, cfg.spike_window)
@@ -210,13 +212,14 @@ class Trainer:
     def _check_new_run(self) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise MoelabError(f"{self.run_dir} is a file, not a directory; choose another --out")
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        if _holds_files(self.run_dir):
             raise MoelabError(f"{self.run_dir} already exists and is not empty; pass --resume {self.run_dir} "
                               "to continue it, or choose another --out")
 
-    def _check_resume(self, allow_data_change: bool = False) -> None:
-        # the checkpoint's verified run_config.yaml, not the run's config.yaml (in no manifest)
-        self.resume_from = resume_checkpoint(self.run_dir)
+    def _check_resume(self, allow_data_change: bool = False, ckpt: Path | None = None) -> None:
+        # the checkpoint's verified run_config.yaml, not the run's config.yaml (in no manifest); ``ckpt``:
+        # the one chosen to load (_choose_resume), else the newest whose small files verify
+        self.resume_from = resume_checkpoint(self.run_dir) if ckpt is None else ckpt
         saved, path = resumed_config(self.run_dir, self.resume_from)
         check_data_unchanged(self.resume_from, self.data_files or {"source": str(self.cfg.data), "files": {}},
                              allow_data_change)
@@ -225,6 +228,19 @@ class Trainer:
             raise ConfigError(", ".join(diff), "changed",
                               f"differs from the run being resumed ({path}); resume with the same config "
                               f"(only {', '.join(RESUMABLE_FIELDS)} may change) or start a new --out")
+
+    def _choose_resume(self) -> None:
+        """Recover interrupted saves, then choose the checkpoint to load, verified whole by every rank
+        (choose_checkpoint), before the tokenizer is read: when it is not the one whose small files
+        __init__ checked (a newer one's weights failed), config, data and tokenizer come from it too."""
+        lines = recover_checkpoints(self.run_dir) if self.is_main else []
+        if self.env is not None:
+            self.env.barrier()
+        for line in lines:
+            warnings.warn(f"{self.run_dir}: {line}", stacklevel=3)
+        ckpt = choose_checkpoint(self.run_dir, self.env, set_aside=True)
+        if ckpt != self.resume_from:
+            self._check_resume(self.allow_data_change, ckpt)
 
     @property
     def is_main(self) -> bool:
@@ -241,20 +257,22 @@ class Trainer:
             raise ConfigError("compile", True, "is not supported with several processes yet; drop --compile")
         self.local_batch = check_batch(cfg.batch_size, self.env.world)
         if not self.resume:  # every rank looks before rank 0 writes anything
-            empty = torch.tensor([0 if self.run_dir.exists() and any(self.run_dir.iterdir()) else 1])
+            empty = torch.tensor([0 if _holds_files(self.run_dir) else 1])  # a plain file too
             self.env.all_reduce(empty, op=torch.distributed.ReduceOp.MIN)
             if not int(empty):
                 self._check_new_run()
                 raise MoelabError(f"{self.run_dir} is not empty; pass --resume {self.run_dir} or another --out")
 
     def _setup_data(self) -> None:
+        if self.resume:  # the checkpoint to load, chosen first: the tokenizer comes from it
+            self._choose_resume()
         if self.data is None:
             tok_path = (resumed_tokenizer(self.run_dir, self.resume_from) if self.resume  # the verified copy
                         else self.run_dir / "tokenizer.json")
             tokenizer = Tokenizer.load(tok_path) if self.resume and tok_path.is_file() else None
             if self.env is not None and tokenizer is None:  # rank 0 trains it, the others read it
                 if self.is_main:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    mark_output_dir(self.run_dir, "run")
                     self.data = prepare_run_data(self.cfg, None)
                     self.data.tokenizer.save(tok_path)
                 self.env.wait_for_main()  # rank 0 may take long on a big corpus: not parallel.timeout_s
@@ -270,13 +288,7 @@ class Trainer:
         random.seed(cfg.seed)
         self.model = build_model(cfg.model)
         self.step, self.position = 0, DataPosition()
-        if self.resume and self.is_main:
-            for line in recover_checkpoints(self.run_dir):
-                warnings.warn(f"{self.run_dir}: {line}", stacklevel=2)
-        if self.resume and env is not None:
-            env.barrier()
-        # every rank hashes a share of each candidate, rank 0 decides and sets newer ones aside
-        ckpt = choose_checkpoint(self.run_dir, env, set_aside=True) if self.resume else None
+        ckpt = self.resume_from if self.resume else None  # chosen by _choose_resume (in _setup_data)
         # a single-process checkpoint's weights go in before parallelizing (its optimizer state is kept by
         # parameter name, to shard after)
         single = self._read_single(ckpt, shard_later=env is not None) if ckpt is not None and not is_distributed(ckpt) \
@@ -561,8 +573,8 @@ class Trainer:
     def _fit(self) -> RunResult:
         cfg = self.cfg
         created = not self.resume and not self.run_dir.exists()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # durable in its parent (fileio.make_dirs), marked as moelab's (.moelab)
+            mark_output_dir(self.run_dir, "run")
         try:
             self._setup_data()
             self._setup_model()
@@ -664,6 +676,11 @@ class Trainer:
                 f"{_save_failure(e, self.run_dir)} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 + (f"the previous checkpoint {kept[-1].name} is intact: fix the cause and --resume {self.run_dir}"
                    if kept else "no earlier checkpoint exists: fix the cause and train again")) from e
+
+
+def _holds_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists and holds anything but moelab's marker (a plain file counts)."""
+    return run_dir.exists() and (not run_dir.is_dir() or any(p.name != MARKER for p in run_dir.iterdir()))
 
 
 def _looks_like_io(e: RuntimeError) -> bool:
