@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -88,16 +89,20 @@ def make_dirs(path: str | os.PathLike) -> Path:
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to a temporary file beside ``path``, fsync it, rename it over ``path``
     and fsync the directory: after a power loss ``path`` holds the old text or the new, never an
-    empty or partial file."""
+    empty or partial file. A replaced file keeps its mode; a new one gets the user's umask."""
     path = Path(path)
     make_dirs(path.parent)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # what the user (or we) chose for the file it replaces
+    except OSError:
+        mode = file_mode()  # mkstemp makes 0600; give a new file the usual permissions
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)  # before the fsync, so the mode is durable with the data
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -139,3 +139,77 @@ def test_checkpoints_are_durable_before_pruning_and_metrics_before_checkpoints(t
             assert any(rename < i < prune for i in rec.fsyncs(root)), step
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 4
     assert sorted(p.name for p in root.iterdir()) == ["step_000004"]
+
+
+def test_a_distributed_checkpoint_makes_its_directories_durable_and_is_marked(tmp_path, monkeypatch):
+    # one process, gloo: rank 0 creates checkpoints/ durably in the run directory (fileio.make_dirs) and
+    # the checkpoint carries .moelab like every directory moelab writes whole
+    import torch
+    import torch.distributed as dist
+
+    from moelab.checkpoint.atomic import foreign_files, output_kind
+    from moelab.checkpoint.distributed import save_distributed_checkpoint
+    from moelab.checkpoint.trainer_state import DataPosition
+    from moelab.data import train_tokenizer
+    from moelab.model import build_model
+    from moelab.train.trainer import lr_lambda, make_optimizer
+
+    class Env:
+        rank, world, dp, ep, is_main = 0, 1, 1, 1, True
+
+        def barrier(self):
+            dist.barrier()
+
+    cfg = _train_cfg(tmp_path)
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    tok = train_tokenizer(["hello world"] * 4, 300)
+    run = tmp_path / "run"
+    run.mkdir()
+    rec = Recorder(monkeypatch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ckpt = save_distributed_checkpoint(run, 1, model, opt, sched, DataPosition(), cfg, tok, 3, Env())
+    finally:
+        dist.destroy_process_group()
+    rename = rec.index("replace", lambda e: e[2] == str(ckpt))
+    assert any(i < rename for i in rec.fsyncs(run))  # checkpoints/'s entry in the run directory
+    assert output_kind(ckpt) == "checkpoint" and foreign_files(ckpt) == []
+
+
+def test_write_atomic_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    import stat
+
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    os.chmod(path, 0o600)  # the user's choice
+    write_atomic(path, "a: 2\n")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text() == "a: 2\n"
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_modes_are_set_before_the_fsyncs(tmp_path, monkeypatch, manifest):
+    # a mode changed after a file's fsync is not durable with it: chmod first, then fsync
+    rec = Recorder(monkeypatch)
+    real_chmod, real_fchmod = os.chmod, os.fchmod
+
+    def chmod(path, mode, *a, **kw):
+        rec.events.append(("chmod", str(path)))
+        return real_chmod(path, mode, *a, **kw)
+
+    def fchmod(fd, mode):
+        rec.events.append(("chmod", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    with atomic_directory(tmp_path / "out", manifest=manifest) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a")
+    write_atomic(tmp_path / "c.yaml", "x")
+    chmods = [e[1] for e in rec.events if e[0] == "chmod"]
+    assert {str(tmp / "sub" / "a.bin"), str(tmp / "sub"), str(tmp)} <= set(chmods)
+    for i, e in enumerate(rec.events):
+        if e[0] == "chmod":
+            assert not any(f == ("fsync", e[1]) for f in rec.events[:i]), e  # no fsync of it came before

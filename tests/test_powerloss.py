@@ -95,6 +95,25 @@ def test_an_atomic_replace_keeps_old_or_new_never_neither(shim):
     assert (root / "d" / "v").read_text() == "2"
 
 
+def test_a_new_run_directory_survives_a_power_loss(shim):
+    # the run directory is created durably in its parent (fileio.make_dirs): a power loss right after
+    # training keeps the whole run, not only what is inside a directory whose entry was never synced
+    from moelab.checkpoint.integrity import check_directory
+    from moelab.checkpoint.run import checkpoint_dirs
+    from moelab.train import TrainConfig, train
+    from tests.helpers import small_config
+
+    root, crash = shim
+    model = small_config()
+    model.vocab_size = 300
+    train(TrainConfig(model=model, steps=1, batch_size=2, seq_len=16, warmup_steps=1, eval_every=0,
+                      eval_batches=1, save_every=1, progress=False), root / "run")
+    crash()
+    ckpts = checkpoint_dirs(root / "run")
+    assert [c.name for c in ckpts] == ["step_000001"] and check_directory(ckpts[0]).ok
+    assert (root / "run" / "config.yaml").read_text() and (root / "run" / ".moelab").is_file()
+
+
 @pytest.mark.slow
 def test_torture_with_power_loss_ends_bit_identical(tmp_path):
     from moelab.reliability.torture import default_config, torture
@@ -109,3 +128,35 @@ def test_torture_with_power_loss_ends_bit_identical(tmp_path):
     assert pl["entries_changed"] > 0  # the simulation did take unsynced writes away
     assert json.loads((tmp_path / "out" / "result.json").read_text())["power_loss"] == pl
     assert "simulated power loss" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _torture_without(tmp_path, monkeypatch, module: str, name: str) -> dict:
+    """`ckpt torture --power-loss` (no kills: one attempt, then the power loss) with one of moelab's
+    fsyncs made a no-op in the training process (a sitecustomize on its PYTHONPATH)."""
+    from moelab.reliability.torture import default_config, torture
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import {module} as m\nm.{name} = lambda *a, **k: None\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
+    cfg = default_config()
+    cfg.steps = 2
+    cfg.save(tmp_path / "c.yaml")
+    return torture(tmp_path / "c.yaml", tmp_path / "out", kills=0, seed=1, progress=False, power_loss=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name", [("moelab.checkpoint.atomic", "fsync_dir"),
+                                         ("moelab.checkpoint.integrity", "fsync_path")])
+def test_torture_power_loss_catches_a_missing_fsync(tmp_path, monkeypatch, module, name):
+    # atomic.fsync_dir: the rename that publishes a checkpoint is never made durable, so the power loss
+    # takes back a checkpoint whose save returned; integrity.fsync_path: a checkpoint's files are
+    # published unsynced and come back empty. Either is a reported problem, never a crash.
+    r = _torture_without(tmp_path, monkeypatch, module, name)
+    problems = r["unreadable_checkpoints"]
+    assert not r["identical"] and problems
+    if name == "fsync_dir":
+        assert any("step_000002 was published (its save returned) and is gone" in p for p in problems), problems
+    else:
+        assert any(p.startswith("step_00000") and "manifest" in p for p in problems), problems
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["identical"] is False

@@ -45,6 +45,7 @@ def test_an_edited_run_config_is_not_adopted_on_resume(corpus, tmp_path, capsys)
         assert main(["train", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
     said = [str(w.message) for w in caught if "config.yaml" in str(w.message)]
     assert said and str(run / "config.yaml") in said[0] and "load_balance_coef" in said[0]
+    assert said[0].startswith("resuming with the verified copy") and "differs from it" in said[0]
     assert "checkpoints/step_000002/run_config.yaml" in said[0]
     resumed = yaml.safe_load((run / "checkpoints" / "step_000003" / "run_config.yaml").read_text())
     assert resumed["model"]["moe"]["router"]["load_balance_coef"] == before != 0.5  # the verified value
@@ -103,3 +104,57 @@ def test_an_untouched_resume_says_nothing(corpus, tmp_path):
         warnings.simplefilter("error")
         train(_cfg(corpus, steps=3), run, resume=True)
     assert (run / "checkpoints" / "step_000003").is_dir()
+
+
+def test_resuming_again_after_a_steps_change_says_nothing(corpus, tmp_path):
+    # RUN/config.yaml keeps the first --steps; a field a resume may change is no difference to report
+    run = tmp_path / "run"
+    train(_cfg(corpus), run)
+    train(_cfg(corpus, steps=3), run, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(_cfg(corpus, steps=4), run, resume=True)
+    assert (run / "checkpoints" / "step_000004").is_dir()
+
+
+def test_the_builtin_corpus_is_fingerprinted_and_a_change_refused(tmp_path):
+    import sys
+
+    from moelab.train.resume import BUILTIN_KEY, check_data_unchanged, data_fingerprint
+    from moelab.train.trainer import Trainer
+
+    fp = data_fingerprint("builtin", seed=0)
+    entry = fp["files"][BUILTIN_KEY]
+    assert entry["python"] == sys.version.split()[0] and len(entry["sha256"]) == 64 and entry["size"] > 0
+    assert Trainer(_cfg("builtin"), tmp_path / "run").data_files == fp  # what every checkpoint records
+    ckpt = tmp_path / "step_000001"
+    ckpt.mkdir()
+
+    def saved(files):
+        (ckpt / "trainer_state.json").write_text(json.dumps({"data_files": {"source": "builtin", "files": files}}))
+
+    saved({BUILTIN_KEY: {**entry, "python": "3.10.0", "sha256": "0" * 64}})  # built by another Python
+    with pytest.raises(CheckpointError, match=r"builtin corpus: its documents changed .*Python 3\.10\.0"):
+        check_data_unchanged(ckpt, fp)
+    saved({BUILTIN_KEY: {**entry, "python": "3.10.0"}})  # another Python, the same documents: fine
+    check_data_unchanged(ckpt, fp)
+    saved({})  # a checkpoint from before the built-in corpus was fingerprinted
+    check_data_unchanged(ckpt, fp)
+
+
+def test_data_files_are_hashed_once_per_process(corpus, tmp_path, monkeypatch):
+    import moelab.train.resume as R
+    from moelab.train.trainer import Trainer
+
+    monkeypatch.setattr(R, "RACY_NS", 0)  # the file is not racily clean here
+    monkeypatch.setattr(R, "_PRINTS", {})
+    calls = []
+    real = R._hash_file
+    monkeypatch.setattr(R, "_hash_file", lambda path, st: calls.append(path) or real(path, st))
+    for i in range(3):  # experiment variants, ranks: one hash
+        Trainer(_cfg(corpus), tmp_path / f"run{i}")
+    assert len(calls) == 1
+    with corpus.open("a") as f:
+        f.write("\n")
+    assert R.data_fingerprint(str(corpus))["files"][str(corpus)]["size"] == corpus.stat().st_size
+    assert len(calls) == 2  # changed: hashed again

@@ -66,13 +66,16 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
             layers: list[int] | None = None, seq_len: int | None = None, batch_size: int = 16,
             expert_outputs: bool = True, neuron_matching: bool = False, view_layer: int | None = None,
             over_training: bool = True, progress: bool = True, seed: int = 0,
-            output_similarity: str = "angular", min_count: int = stats.MIN_COUNT) -> dict:
+            output_similarity: str = "angular", min_count: int = stats.MIN_COUNT, force: bool = False) -> dict:
     """Analyse ``source`` (a moelab run / checkpoint / model directory or an HF directory) and write
     ``analysis.json``, ``report.html`` and ``figures/`` into ``out``; returns the analysis.
     ``output_similarity``: how expert outputs are compared, "angular" (1 - arccos(cos)/pi, as the
     authors of "A Closer Look into MoE" average) or "cosine". ``min_count``: occurrences a token id
-    or position needs to count in token specialisation and routing spread (OpenMoE: 128)."""
+    or position needs to count in token specialisation and routing spread (OpenMoE: 128). ``out``: a
+    new directory or one moelab wrote; one holding someone else's files only with ``force`` (nothing
+    in it is deleted, files of the same name are overwritten)."""
     from moelab.analysis.report import write_analysis_report
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.loading import load, load_tokenizer
 
     if min_count < 1:
@@ -97,8 +100,7 @@ def analyze(source: str | Path, out: str | Path, data: str = "builtin", max_toke
     windows, total = encode_documents(tokenizer, docs, max_tokens, seq_len)
     if total == 0:
         raise DataError(f"{data}: the documents encode to no tokens; give text to analyse")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)
     rec, cols = record(model, windows, batch_size, chosen, expert_outputs, progress, total=total)
     domains = sorted({d.domain for d in docs[:int(cols["doc"].max()) + 1]})
     dom_index = {d: i for i, d in enumerate(domains)}

@@ -47,13 +47,14 @@ def bench_aoe(preset: str = "tiny", d_low: int | None = None, batch_size: int = 
             "aoe_activation_bytes_ratio": ratios["aoe"]["activation_bytes_ratio"]}
 
 
-def write_bench(result: dict, out: Path) -> None:
+def write_bench(result: dict, out: Path, force: bool = False) -> None:
     import json
 
     from moelab.fileio import write_atomic
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.reports.writer import md_table, write_report
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)  # new or moelab's, else only with force
     write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
     rows = [[n, r["tokens_per_s"], r["activation_bytes"]] for n, r in result["models"].items()]
     md = (f"# AoE vs MoE training step ({result['preset']}, d_low {result['d_low']}, d_wide {result['d_wide']})\n\n"
@@ -61,4 +62,4 @@ def write_bench(result: dict, out: Path) -> None:
           + f"\n\nAoE / MoE: tokens/s {result['aoe_tokens_per_s_ratio']:.3f}, activation memory "
           f"{result['aoe_activation_bytes_ratio']:.3f} (side by side, {result['reps']} interleaved repetitions, "
           f"{result['threads']} threads).\n")
-    write_report(out, "moelab bench aoe", md, result)
+    write_report(out, "moelab bench aoe", md, result, force=force)

@@ -211,16 +211,18 @@ def summary(r: dict) -> list[str]:
             f"{p['total_bytes'] / 1e12:.1f} TB alone: {p['rank0_alone_s']:.0f} s vs a {p['timeout_s']:.0f} s timeout"]
 
 
-def write_bench(r: dict, out: Path) -> None:
-    """result.json, report.md / report.html and throughput.png in ``out``."""
+def write_bench(r: dict, out: Path, force: bool = False) -> None:
+    """result.json, report.md / report.html and throughput.png in ``out`` (new or written by moelab,
+    else only with ``force``)."""
     import json
 
     import matplotlib.pyplot as plt
 
     from moelab.fileio import write_atomic
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.reports.writer import md_table, save_figure, write_report
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)
     write_atomic(out / "result.json", json.dumps(r, indent=2) + "\n")
     rates = {"sha256 (memory, 1 core)": r["sha256_gbps"], "disk write + fsync": r["disk_write_gbps"],
              "disk read (cold)": r["disk_read_gbps"], "save (distributed format)": r["save_gbps"],
@@ -245,4 +247,4 @@ def write_bench(r: dict, out: Path) -> None:
                                              ["rank 0 hashing every shard alone (s)", p["rank0_alone_s"]],
                                              ["parallel.timeout_s default (s)", p["timeout_s"]]])
           + "\n")
-    write_report(out, "moelab bench ckpt", md, r, json_name="report.json")
+    write_report(out, "moelab bench ckpt", md, r, json_name="report.json", force=force)

@@ -219,9 +219,10 @@ def misses(results: dict) -> list[str]:
     return out or ["- none: every measured target is met."]
 
 
-def write_results(results: dict, out: Path) -> None:
+def write_results(results: dict, out: Path, force: bool = False) -> None:
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.reports.writer import write_report
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)  # new or moelab's, else only with force
     write_atomic(out / "result.json", json.dumps(results, indent=1) + "\n")
-    write_report(out, "moelab bench", benchmarks_markdown(results), results)
+    write_report(out, "moelab bench", benchmarks_markdown(results), results, force=force)

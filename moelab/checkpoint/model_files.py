@@ -40,7 +40,8 @@ def save_model(model: MoETransformer, directory: str | os.PathLike, extra_files:
                force: bool = False) -> Path:
     """Save ``model`` to ``directory`` (config.yaml + model.safetensors), atomically, with a manifest;
     ``extra_files``: {name: source path} copied in first (a tokenizer), so the manifest covers them.
-    An existing ``directory`` is replaced only when moelab wrote all of it, or with ``force``."""
+    An existing ``directory`` is replaced only when it is a saved model whose files moelab wrote and
+    nobody changed since, or with ``force``."""
     directory = Path(directory)
     with atomic_directory(directory, manifest=True, kind="moelab-model", force=force) as tmp:
         write_model_files(model, tmp)

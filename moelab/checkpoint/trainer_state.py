@@ -29,7 +29,8 @@ class DataPosition:
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: DataPosition,
                     run_config, tokenizer, keep_last: int, extra: dict | None = None) -> Path:
     target = Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
-    with atomic_directory(target, manifest=True) as tmp:
+    # force: the run directory is moelab's own, and re-saving a step replaces whatever is in it
+    with atomic_directory(target, manifest=True, kind="checkpoint", force=True) as tmp:
         write_model_files(model, tmp)
         kill_point("ckpt-weights")
         run_config.save(tmp / "run_config.yaml")

@@ -65,6 +65,38 @@ def _allow_unverified(on: bool):
             os.environ[ALLOW_ENV] = before
 
 
+@contextmanager
+def _output_dir(args: argparse.Namespace):
+    """``--out`` of a command that writes files into it, before any work: a plain file or someone
+    else's directory is refused (never overwritten), --force lets the library's writers into it
+    (forced_outputs), and a command that fails before writing anything leaves nothing behind: the
+    directories it created are removed, a marker it added to an empty one taken back (what a
+    command wrote before it failed is kept, for inspection)."""
+    out = getattr(args, "out", None) if getattr(args, "check_out", False) else None
+    if not out:
+        yield
+        return
+    import contextlib
+    from pathlib import Path
+
+    from moelab.checkpoint.atomic import MARKER, forced_outputs, prepare_output_dir, read_marker
+
+    path = Path(out)
+    created = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # what this command makes
+    marked = path.is_dir() and read_marker(path) is not None
+    prepare_output_dir(path, force=args.force)
+    try:
+        with forced_outputs(*([path] if args.force else [])):
+            yield
+    except BaseException:
+        if not marked and path.is_dir() and os.listdir(path) == [MARKER]:  # nothing written: undo
+            os.unlink(path / MARKER)
+            for d in created:  # innermost first; each is empty unless something else wrote there meanwhile
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+        raise
+
+
 # commands with their own --out rules: train (a new run needs an empty directory), ckpt (torture)
 OWN_OUT_RULES = ("train", "ckpt")
 
@@ -112,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if getattr(args, "check_out", False) and getattr(args, "out", None):
-            from moelab.checkpoint.atomic import prepare_output_dir
-
-            # before any work: a plain file or someone else's directory is refused, never overwritten
-            prepare_output_dir(args.out, force=args.force)
-        with _allow_unverified(getattr(args, "allow_unverified", False)):
+        with _output_dir(args), _allow_unverified(getattr(args, "allow_unverified", False)):
             return args.func(args, extra) if getattr(args, "allow_extra", False) else args.func(args)
     except (MoelabError, ValueError, FileNotFoundError) as e:
         if args.debug:

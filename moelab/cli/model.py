@@ -137,7 +137,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.family and args.to != "hf":
         raise MoelabError("--family applies only with --to hf")
-    check_replaceable(Path(args.dst), args.force, fix="choose another DST, or pass --force to replace it")
+    check_replaceable(Path(args.dst), args.force, fix="choose another DST, or pass --force to replace it",
+                      kind="hf-export" if args.to == "hf" else "moelab-model")
     model = load(args.src)
     if args.to == "hf":
         out = export_hf(model, args.dst, family=args.family, force=args.force)

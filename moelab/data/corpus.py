@@ -134,6 +134,27 @@ def builtin_corpus(cache_dir: str | Path | None = None, seed: int = 0, max_docs_
     :func:`default_cache_dir`) holds the documents; the split is recomputed on load. A cache that
     cannot be written (read-only home) is skipped silently: the build takes a few seconds.
     """
+    return split_documents(builtin_documents(cache_dir, seed, max_docs_per_domain), val_fraction, seed)
+
+
+def builtin_fingerprint(seed: int = 0, cache_dir: str | Path | None = None) -> dict:
+    """What identifies the built-in corpus a run trains on: it is generated from the running Python's
+    standard library, so a new Python (or moelab build setting) can change it. ``size`` and ``sha256``
+    are of its documents (text, domain, id), beside the corpus version, Python version and build
+    settings; in the form of a data file's fingerprint (moelab.train.resume)."""
+    h, size = hashlib.sha256(), 0
+    for d in builtin_documents(cache_dir, seed):
+        line = (json.dumps([d.text, d.domain, d.doc_id], ensure_ascii=False) + "\n").encode()
+        h.update(line)
+        size += len(line)
+    build = json.dumps([BUILTIN_VERSION, DOMAIN_CHARS, MAX_DOC_CHARS, MIN_DOC_CHARS], sort_keys=True)
+    return {"size": size, "mtime_ns": 0, "sha256": h.hexdigest(), "hashed": "full",
+            "builtin_version": BUILTIN_VERSION, "python": sys.version.split()[0], "build": build}
+
+
+def builtin_documents(cache_dir: str | Path | None = None, seed: int = 0,
+                      max_docs_per_domain: int | None = None) -> list[Document]:
+    """The built-in corpus's documents, from the cache or built (and cached): see builtin_corpus."""
     path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), seed, max_docs_per_domain)
     docs = _read_cache(path)
     if docs is None:
@@ -146,7 +167,7 @@ def builtin_corpus(cache_dir: str | Path | None = None, seed: int = 0, max_docs_
             write_atomic(path, "\n".join(body) + "\n")
         except OSError:
             pass
-    return split_documents(docs, val_fraction, seed)
+    return docs
 
 
 def load_corpus(source: str | Path | None, cache_dir: str | Path | None = None, seed: int = 0,

@@ -118,6 +118,7 @@ def quick_passkey(out: str | Path, lengths: list[int] | None = None, depths: lis
                   progress: bool = True) -> dict:
     """Train the quick model on the task (:mod:`moelab.eval.quick`), evaluate it untrained and trained,
     save it to ``out/model`` (re-evaluate with ``moelab eval passkey OUT/model``) and write the report."""
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.checkpoint.model_files import save_model
     from moelab.eval.quick import TRAIN_LENGTHS, quick_config, quick_tokenizer, train_passkey
     from moelab.eval.report import write_passkey_report
@@ -130,6 +131,7 @@ def quick_passkey(out: str | Path, lengths: list[int] | None = None, depths: lis
         raise MoelabError(f"{out}/model already exists; choose another --out")
     if steps <= 0:
         raise ConfigError("--steps", steps, "must be a positive number of training steps")
+    prepare_output_dir(out)  # new or moelab's (moelab.checkpoint.atomic), before out/model is written
     tokenizer = quick_tokenizer()
     cfg = quick_config(tokenizer.vocab_size)
     lengths = lengths or [64, 128, 192, cfg.max_seq_len - 7]

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from moelab.checkpoint.atomic import prepare_output_dir  # noqa: E402
 from moelab.reports.writer import md_table, save_figure, write_report  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def _grid_table(grid: dict) -> str:
 
 def write_passkey_report(out: Path, result: dict) -> None:
     """report.md / .html, result.json and plots/passkey_heatmap.png (plus the untrained baseline's for --quick)."""
+    prepare_output_dir(out)  # new or moelab's (or --force: moelab.checkpoint.atomic.forced_outputs)
     md = ["# Passkey retrieval", "",
           f"Source: `{result['source']}`. {result['trials']} trials per cell, keys of {result['digits']} digits, "
           f"greedy decoding of {result['new_tokens']} tokens; a trial is right when the first digit run of the "
@@ -89,6 +91,7 @@ def context_plot(result: dict, path: Path) -> Path:
 
 
 def write_context_report(out: Path, result: dict) -> None:
+    prepare_output_dir(out)
     plot = context_plot(result, out / "plots" / "perplexity_vs_context.png")
     rows = [[r["length"], f"{r['bucket'][0]}-{r['bucket'][1]}", r["bucket_tokens"], r["bucket_loss"], r["bucket_ppl"],
              r["window_ppl"]] for r in result["rows"]]
@@ -111,6 +114,7 @@ def write_context_report(out: Path, result: dict) -> None:
 # ---- eval lm / eval choice ---------------------------------------------------------------------
 def write_lm_report(out: Path, r: dict) -> None:
     """result.json, report.md / .html and plots/ppl_by_domain.png (bars with the 95% intervals)."""
+    prepare_output_dir(out)
     names = list(r["domains"]) + ["overall"]
     vals = [*r["domains"].values(), r["overall"]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -131,6 +135,7 @@ def write_lm_report(out: Path, r: dict) -> None:
 
 def write_choice_report(out: Path, r: dict) -> None:
     """result.json, report.md / .html and plots/accuracy.png (acc and acc_norm ± stderr, chance)."""
+    prepare_output_dir(out)
     names = list(r["tasks"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = range(len(names))

@@ -106,7 +106,7 @@ def strategy_rows(base: TrainConfig, convention: str = "sum") -> dict[str, tuple
 
 
 def _run(s: ExperimentSettings, name: str, make_rows, paper: dict, reference: str) -> dict:
-    out = prepare_out(s.out)
+    out = prepare_out(s.out, s.force)
     base = base_config(s)
     data = shared_data(base)
     rows = []
@@ -237,4 +237,5 @@ def _report(out, result: dict, reference: str) -> None:
           "## Rows", "", md_table(["row", "setting"], [[r["name"], r["description"]] for r in rows]), "",
           "## Plots", ""]
     md += [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
-    write_report(out, f"moelab {result['experiment']}", "\n".join(md) + "\n", result)
+    # force: out was checked (new, moelab's, or forced) by prepare_out before the runs
+    write_report(out, f"moelab {result['experiment']}", "\n".join(md) + "\n", result, force=True)

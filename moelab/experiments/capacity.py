@@ -43,7 +43,7 @@ def drop_by_position(model, data, batch_size: int, batches: int) -> list[float]:
 
 
 def run_capacity_experiment(s: ExperimentSettings) -> dict:
-    out = prepare_out(s.out)
+    out = prepare_out(s.out, s.force)
     base = base_config(s)
     base.model.moe.router.load_balance_coef = 0.01
     data = shared_data(base)
@@ -95,4 +95,5 @@ def _report(out, result: dict) -> None:
     md = [f"# Capacity factor sweep ({'quick' if result['quick'] else 'full'}: {result['steps']} steps, "
           f"seed {result['seed']})", "", table, "", "## Plots", ""]
     md += [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
-    write_report(out, "moelab capacity sweep", "\n".join(md) + "\n", result)
+    # force: out was checked (new, moelab's, or forced) by prepare_out before the runs
+    write_report(out, "moelab capacity sweep", "\n".join(md) + "\n", result, force=True)

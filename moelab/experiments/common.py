@@ -34,6 +34,7 @@ class ExperimentSettings:
     progress: bool = True
     # AoE experiments: how L_aux combines over layers, "sum" (moelab) or "authors" (see experiments/aoe.py)
     aoe_aux: str = "sum"
+    force: bool = False  # write into an ``out`` holding someone else's files (nothing is deleted)
 
 
 def base_config(s: ExperimentSettings) -> TrainConfig:
@@ -51,12 +52,15 @@ def base_config(s: ExperimentSettings) -> TrainConfig:
     return cfg
 
 
-def prepare_out(out: Path) -> Path:
+def prepare_out(out: Path, force: bool = False) -> Path:
+    """``out`` for an experiment: new, or a directory moelab wrote (or any with ``force``), without an
+    experiment's runs in it already."""
+    from moelab.checkpoint.atomic import prepare_output_dir
+
     out = Path(out)
     if (out / "runs").exists() and any((out / "runs").iterdir()):
         raise MoelabError(f"{out} already holds an experiment (runs/ is not empty); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return prepare_output_dir(out, force=force)
 
 
 def shared_data(cfg: TrainConfig) -> RunData:

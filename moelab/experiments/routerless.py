@@ -244,11 +244,12 @@ def model_macs(model, node: str | None = None) -> int:
 # ---- the study ----------------------------------------------------------------------------------------
 def run_routerless_study(source: str | Path, out: Path, data: str = "builtin", nodes=NODES, norms=NORMS,
                          batch_size: int = 8, max_batches: int | None = None, seq_len: int | None = None,
-                         quick: bool = False, seed: int = 0, progress: bool = True, weightings=WEIGHTINGS) -> dict:
+                         quick: bool = False, seed: int = 0, progress: bool = True, weightings=WEIGHTINGS,
+                         force: bool = False) -> dict:
     """Validation loss per domain of the routed model and of every (node, norm, weighting) routerless
     selection; writes ``result.json``, ``report.md``/``.html`` and ``plots/`` into ``out``; returns the
     result. A router without a plain gate rule (``GATED_ROUTERS``) runs the "norms" weighting only, and
-    the result's ``notes`` say so."""
+    the result's ``notes`` say so. ``out``: new or written by moelab, else only with ``force``."""
     from tqdm.auto import tqdm
 
     from moelab.data import load_corpus, prepare_data
@@ -311,16 +312,17 @@ def run_routerless_study(source: str | Path, out: Path, data: str = "builtin", n
                   "shared_experts": first.shared is not None},
         "routed": routed, "rows": rows,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from moelab.checkpoint.atomic import prepare_output_dir
     from moelab.fileio import write_atomic
 
+    out = prepare_output_dir(out, force=force)
+
     write_atomic(out / "result.json", json.dumps(result, indent=2) + "\n")
-    _report(out, result)
+    _report(out, result, force)
     return result
 
 
-def _report(out: Path, result: dict) -> None:
+def _report(out: Path, result: dict, force: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     from moelab.reports.writer import md_table, save_figure, write_report
@@ -374,4 +376,4 @@ def _report(out: Path, result: dict) -> None:
                    f"{best['val_loss']:.4f} vs {routed['val_loss']:.4f} with the router, at {best['cost_ratio']:.3g}x "
                    "the compute.", ""]
     md += ["## Plots", ""] + [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
-    write_report(out, "moelab routerless study", "\n".join(md) + "\n", result)
+    write_report(out, "moelab routerless study", "\n".join(md) + "\n", result, force=force)

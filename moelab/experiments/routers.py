@@ -64,7 +64,7 @@ ROUTER_VARIANTS: dict[str, tuple[str, Callable[[TrainConfig], TrainConfig]]] = {
 
 
 def run_router_experiment(s: ExperimentSettings) -> dict:
-    out = prepare_out(s.out)
+    out = prepare_out(s.out, s.force)
     base = base_config(s)
     data = shared_data(base)
     rows = []
@@ -109,4 +109,5 @@ def _report(out, result: dict) -> None:
           "## Variants", "", md_table(["router", "setting"], [[r["name"], r["description"]] for r in rows]), "",
           "## Plots", ""]
     md += [f"![{k}]({p.relative_to(out)})" for k, p in plots.items()]
-    write_report(out, "moelab router comparison", "\n".join(md) + "\n", result)
+    # force: out was checked (new, moelab's, or forced) by prepare_out before the runs
+    write_report(out, "moelab router comparison", "\n".join(md) + "\n", result, force=True)

@@ -14,10 +14,12 @@ shim (``python -m moelab.reliability.powerloss JOURNAL ROOT -- train ...``) that
 ``os.replace``, ``os.rename``, ``os.unlink``, ``os.remove`` and ``os.rmdir``. After each real
 ``fsync`` under ROOT it journals what became durable: a file's inode and a copy of its bytes, or a
 directory's entries (name -> inode). Deletions and overwriting renames journal the inode that died,
-so a reused inode number is a new file. Before each attempt the harness records ROOT's tree (every
-directory's entries and a copy of every file). After the attempt is killed the harness rebuilds ROOT
-as the disk would hold it after a power loss at that instant (:func:`apply_power_loss`), and the next
-attempt resumes from that.
+so a reused inode number is a new file; each checkpoint save that returned journals its step (what
+the run then relies on: it must survive). ROOT is the directory that holds the run (the run
+directory itself is created under the shim, so losing it is modelled too). Before each attempt the
+harness records ROOT's tree (every directory's entries and a copy of every file). After the attempt
+is killed the harness rebuilds ROOT as the disk would hold it after a power loss at that instant
+(:func:`apply_power_loss`), and the next attempt resumes from that.
 
 Limits: only fsyncs made through Python's ``os.fsync`` count (torch and safetensors never fsync, so
 nothing is credited that did not happen); a lost write is modelled as all-or-nothing per file (no
@@ -116,8 +118,34 @@ class _Shim:
 
 
 def install(journal_dir: Path, root: Path) -> None:
-    """Journal what becomes durable under ``root`` from now on (this process only)."""
-    _Shim(journal_dir, root).install()
+    """Journal what becomes durable under ``root`` from now on (this process only), and the step of
+    every checkpoint save that returns (``{"op": "saved"}``: training goes on relying on it)."""
+    shim = _Shim(journal_dir, root)
+    shim.install()
+    from moelab.train.trainer import Trainer
+
+    save = Trainer._save
+
+    def journaled_save(self) -> None:
+        save(self)
+        if self.is_main:
+            shim._write({"op": "saved", "step": self.step})
+
+    Trainer._save = journaled_save
+
+
+def saved_steps(journal_dir: Path) -> list[int]:
+    """The steps whose checkpoint save returned in the journaled process, in order."""
+    path = Path(journal_dir) / JOURNAL
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if rec.get("op") == "saved":
+            out.append(int(rec["step"]))
+    return out
 
 
 # ---- the harness side ----------------------------------------------------------------------------
@@ -161,6 +189,8 @@ def apply_power_loss(root: Path, start: Path, journal_dir: Path) -> dict:
             rec = json.loads(line)
         except json.JSONDecodeError:
             break  # the record being written when the process died
+        if rec["op"] == "saved":
+            continue
         ino = rec["ino"]
         if rec["op"] == "dead":
             gen[ino] = gen.get(ino, 0) + 1

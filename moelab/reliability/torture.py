@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint.atomic import mark_output_dir
 from moelab.errors import MoelabError
 from moelab.faults import KILL_ENV, KILL_PHASES
+from moelab.fileio import make_dirs
 
 
 @dataclass
@@ -45,8 +47,10 @@ class Attempt:
 
 def _train_cmd(config: Path, run: Path, resume: bool, journal: Path | None = None) -> list[str]:
     where = ["--resume", str(run)] if resume else ["--out", str(run)]
-    # --power-loss: under the shim that journals what each fsync made durable (moelab.reliability.powerloss)
-    launcher = ["moelab.cli"] if journal is None else ["moelab.reliability.powerloss", str(journal), str(run), "--"]
+    # --power-loss: under the shim that journals what each fsync made durable (moelab.reliability.powerloss);
+    # its root is the run's parent, so the run directory's own entry must be made durable too
+    launcher = (["moelab.cli"] if journal is None
+                else ["moelab.reliability.powerloss", str(journal), str(run.parent), "--"])
     return [sys.executable, "-m", *launcher, "train", "--config", str(config), *where, "--no-progress"]
 
 
@@ -146,18 +150,23 @@ def _newest_step(run: Path) -> int:
     return max((int(p.name.split("_")[1]) for p in checkpoint_dirs(run)), default=0)
 
 
-def _durable_problems(run: Path, newest_before: int) -> list[str]:
-    """After a simulated power loss: what was verified and durable before the attempt must still be
-    there (the newest checkpoint, the run's config and tokenizer, a metrics record for every step up
-    to the newest checkpoint)."""
+def _durable_problems(run: Path, newest_before: int, saved: list[int]) -> list[str]:
+    """After a simulated power loss: what was durable before the attempt, or published during it (a
+    checkpoint whose save returned: ``saved``), must still be there (that checkpoint or a newer one,
+    the run's config and tokenizer, a metrics record for every step up to the newest checkpoint)."""
     from moelab.data import Tokenizer
     from moelab.train.config import TrainConfig
     from moelab.train.trainer import read_metrics
 
-    newest = _newest_step(run)
+    newest = _newest_step(run) if run.is_dir() else 0
     problems = []
     if newest < newest_before:
         problems.append(f"power loss: checkpoint step_{newest_before:06d} was durable before the attempt and is gone")
+    elif saved and newest < max(saved):
+        left = (f"the newest left is step_{newest:06d}" if newest
+                else "no checkpoint is left" if run.is_dir() else "the run directory is gone too")
+        problems.append(f"power loss: checkpoint step_{max(saved):06d} was published (its save returned) and is "
+                        f"gone; {left}")
     if not newest:
         return problems
     for name, load in (("config.yaml", TrainConfig.load), ("tokenizer.json", Tokenizer.load)):
@@ -191,7 +200,7 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
         raise MoelabError(f"{out} is a file, not a directory; choose another --out")
     if out.exists() and any(out.iterdir()):
         raise MoelabError(f"{out} is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, "torture")  # .moelab: a directory moelab writes
     run_cfg = out / "torture_config.yaml"
     cfg.save(run_cfg)
     rng = random.Random(seed)
@@ -203,7 +212,10 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
         raise MoelabError(f"the uninterrupted reference run failed:\n{proc.stderr[-2000:]}")
     ref_seconds = time.perf_counter() - t0
 
-    run = out / "killed"
+    # --power-loss: the killed run lives in disk/, the root the simulation rebuilds (a directory that
+    # exists, durably, before the first attempt, as a user's parent directory would)
+    run = out / "disk" / "killed" if power_loss else out / "killed"
+    make_dirs(run.parent)
     attempts: list[Attempt] = []
     bar = None
     if progress:
@@ -239,8 +251,8 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
 
             journal, start_state = out / "powerloss" / "journal", out / "powerloss" / "start"
             shutil.rmtree(journal, ignore_errors=True)
-            record_start(run, start_state)
-            newest_before = _newest_step(run)
+            record_start(run.parent, start_state)
+            newest_before = _newest_step(run) if run.is_dir() else 0
         p = subprocess.Popen(_train_cmd(run_cfg, run, resume, journal), env=_env(extra), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         try:
@@ -264,11 +276,13 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
         if power_loss:
             from moelab.reliability.powerloss import apply_power_loss
 
-            lost = apply_power_loss(run, start_state, journal)
+            lost = apply_power_loss(run.parent, start_state, journal)
         a = Attempt(len(attempts), start, label, _last_step(run), lost=lost)
         a.checkpoints_verified, a.problems = _verify_all(run)
         if power_loss:
-            a.problems += _durable_problems(run, newest_before)
+            from moelab.reliability.powerloss import saved_steps
+
+            a.problems += _durable_problems(run, newest_before, saved_steps(journal))
         attempts.append(a)
         if bar is not None and label != "none":
             bar.update(1)
@@ -279,11 +293,19 @@ def torture(config: Path | None, out: Path, kills: int = 20, seed: int = 0, prog
 
     from moelab.checkpoint.run import checkpoint_dirs
 
-    final_ref, final_run = checkpoint_dirs(ref)[-1], checkpoint_dirs(run)[-1]
-    nbytes, diffs = _compare(final_ref, final_run)
+    final_ref, finals = checkpoint_dirs(ref)[-1], checkpoint_dirs(run) if run.is_dir() else []
+    nbytes, diffs = 0, []
+    if finals:
+        try:
+            nbytes, diffs = _compare(final_ref, finals[-1])
+        except Exception as e:  # noqa: BLE001 - e.g. emptied by the power loss: reported, not a crash
+            diffs = [f"final checkpoint {finals[-1].name} unreadable ({type(e).__name__}: {str(e)[:120]})"]
+    else:  # lost, with a power loss after the last attempt: reported above, nothing to compare
+        nbytes, diffs = 0, ["no final checkpoint: the run has no checkpoint left to compare"]
     key = ("step", "loss", "lm_loss", "grad_norm", "aux")
     ref_losses = [{k: r.get(k) for k in key} for r in read_metrics(ref) if r["kind"] == "train"]
-    run_losses = [{k: r.get(k) for k in key} for r in read_metrics(run) if r["kind"] == "train"]
+    run_losses = ([{k: r.get(k) for k in key} for r in read_metrics(run) if r["kind"] == "train"]
+                  if (run / "metrics.jsonl").is_file() else [])
     if ref_losses != run_losses:
         diffs.append("logged training losses differ from the uninterrupted run's")
     unreadable = [p for a in attempts for p in a.problems]

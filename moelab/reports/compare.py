@@ -44,7 +44,9 @@ def _run_summary(run: Path) -> dict:
     }
 
 
-def compare_runs(runs: list[str | Path], out: str | Path | None) -> dict:
+def compare_runs(runs: list[str | Path], out: str | Path | None, force: bool = False) -> dict:
+    """Compare training runs; with ``out``, write the report there (a new or moelab-written directory,
+    or with ``force`` any directory: nothing in it is deleted)."""
     if len(runs) < 2:
         raise MoelabError("compare needs at least two run directories")
     paths = [Path(r) for r in runs]
@@ -58,12 +60,16 @@ def compare_runs(runs: list[str | Path], out: str | Path | None) -> dict:
             s["name"] = s["run"]
     result = {"runs": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]}
     if out is not None:
-        _write(Path(out), summaries, result)
+        _write(Path(out), summaries, result, force)
     return result
 
 
-def _write(out: Path, summaries: list[dict], result: dict) -> None:
+def _write(out: Path, summaries: list[dict], result: dict, force: bool = False) -> None:
     import matplotlib
+
+    from moelab.checkpoint.atomic import prepare_output_dir
+
+    prepare_output_dir(out, force=force)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,5 +134,5 @@ def _write(out: Path, summaries: list[dict], result: dict) -> None:
               "throughput": "Throughput"}
     md += ["## Plots", ""] + [x for k, p in plots.items() for x in (f"### {titles[k]}", "",
                                                                    f"![{titles[k]}]({p.relative_to(out)})", "")]
-    write_report(out, "moelab compare", "\n".join(md), result)
+    write_report(out, "moelab compare", "\n".join(md), result, force=force)
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")

@@ -144,5 +144,6 @@ def write_run_report(run_dir: str | Path) -> dict[str, Path]:
     for key, path in plots.items():
         md += [f"### {titles[key]}", "", f"![{titles[key]}]({path.relative_to(run_dir)})", ""]
     md += ["## Resolved config", "", "```yaml", cfg_text.rstrip(), "```", ""]
-    paths = write_report(run_dir, f"moelab run {run_dir.name}", "\n".join(md), result)
+    # force: a run directory is moelab's, marked or not (runs from before .moelab)
+    paths = write_report(run_dir, f"moelab run {run_dir.name}", "\n".join(md), result, force=True)
     return {**paths, **{f"plot_{k}": v for k, v in plots.items()}}

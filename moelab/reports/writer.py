@@ -75,10 +75,15 @@ def markdown_to_html(title: str, markdown: str) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def write_report(out_dir: Path, title: str, markdown: str, result: dict, json_name: str = "report.json"
-                 ) -> dict[str, Path]:
-    """report.md, report.html and ``json_name`` (``result``: every number shown) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(out_dir: Path, title: str, markdown: str, result: dict, json_name: str = "report.json",
+                 force: bool = False) -> dict[str, Path]:
+    """report.md, report.html and ``json_name`` (``result``: every number shown) in ``out_dir``: a new
+    directory, or one moelab wrote (``.moelab``); a non-empty directory of someone else's files only
+    with ``force`` (moelab.checkpoint.atomic.prepare_output_dir; nothing in it is deleted)."""
+    from moelab.checkpoint.atomic import prepare_output_dir
+
+    out_dir = prepare_output_dir(out_dir, force=force, fix="choose another output directory, or pass --force "
+                                                           "(force=True) to write into it")
     paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / json_name}
     write_atomic(paths["md"], markdown)
     write_atomic(paths["html"], markdown_to_html(title, markdown))

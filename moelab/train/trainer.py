@@ -37,7 +37,6 @@ from moelab.checkpoint.trainer_state import DataPosition, load_trainer_state, re
 from moelab.distributed.expert_parallel import expert_parallel_layers
 from moelab.distributed.runtime import (
     check_batch,
-    clip_grad_norm,
     init_from_env,
     launched_world_size,
     parallelize,
@@ -50,7 +49,7 @@ from moelab.moe.balancing import global_statistics
 from moelab.moe.layer import update_router_biases
 from moelab.train.config import RESUMABLE_FIELDS, RUN_CONFIG, TrainConfig, config_differences, non_resumable
 from moelab.train.metrics import MetricsLog, load_stats, parse_lines
-from moelab.train.numerics import SpikeDetector, describe, diagnose
+from moelab.train.numerics import SpikeDetector, clip_gradients, describe, diagnose, global_verdict
 from moelab.train.objective import Shares, mtp_target_counts, rank_loss  # noqa: F401 (mtp_target_counts: API)
 from moelab.train.rollback import read_single_for_parallel
 from moelab.train.resume import (
@@ -199,7 +198,7 @@ class Trainer:
         arguments; :meth:`fit` joins the process group (``cfg.parallel``). ``allow_data_change``: resume
         even when the data files differ from the checkpoint's fingerprint (moelab.train.resume)."""
         self.cfg, self.run_dir, self.resume, self.data = cfg, Path(run_dir), resume, data
-        self.resume_from, self.data_files = None, fingerprint_or_none(cfg.data)
+        self.resume_from, self.data_files = None, fingerprint_or_none(cfg.data, cfg.seed)
         self.allow_data_change = allow_data_change
         self.env = None
         self.skips = self.rollbacks = 0
@@ -398,16 +397,15 @@ class Trainer:
                 if key in PER_LAYER_METRICS and vals:
                     acc = per_layer.setdefault(key, [0.0] * len(vals))
                     per_layer[key] = [a + v / cfg.grad_accum for a, v in zip(acc, vals)]
-        if env is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        else:
+        if env is not None:
             sync_gradients(model, env)
-            grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"), env)
             for layer in self._all_moe_layers():  # the bias moves by the global load
                 env.all_reduce(layer.load_accum_E)
+        grad_norm = clip_gradients(model, cfg.grad_clip or float("inf"), env)  # a non-finite norm scales nothing
         lr = self.optimizer.param_groups[0]["lr"]
-        if self._nonfinite_step(float(grad_norm), sums.get("loss", 0.0), ids, labels):
-            return {"kind": "skipped", "step": self.step, "reason": "nonfinite", "loss": sums.get("loss"),
+        skipped_loss = self._nonfinite_step(float(grad_norm), sums.get("loss", 0.0), ids, labels)
+        if skipped_loss is not None:  # the global batch's loss, as a train record logs it
+            return {"kind": "skipped", "step": self.step, "reason": "nonfinite", "loss": skipped_loss,
                     "grad_norm": float(grad_norm), "lr": lr}
         self.optimizer.step()
         self.scheduler.step()
@@ -435,17 +433,14 @@ class Trainer:
         maybe_inject_fault(self.step, env.rank if env is not None else 0)
         return record
 
-    def _nonfinite_step(self, grad_norm: float, loss: float, ids, labels) -> bool:
-        """True when this step's update was skipped (``nonfinite="skip"``); raises for "stop". The
-        decision is global: a NaN on any rank is a NaN for every rank."""
+    def _nonfinite_step(self, grad_norm: float, loss: float, ids, labels) -> float | None:
+        """The global loss when this step's update was skipped (``nonfinite="skip"``), else None; raises
+        for "stop". The decision is global (a NaN on any rank is a NaN for every rank) and so is the
+        loss reported (the mean of the ranks' shares, not this rank's share)."""
         cfg, env = self.cfg, self.env
-        bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
-        if env is not None:
-            flag = torch.tensor([float(bad)])
-            env.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item())
+        bad, loss = global_verdict(grad_norm, loss, env)
         if not bad:
-            return False
+            return None
         step = self.step + 1
         reason = f"loss {loss:g}, gradient norm {grad_norm:g}"
         info = diagnose(self.model, ids, labels, self.run_dir / "diagnostics", step, reason, write=self.is_main,
@@ -463,7 +458,7 @@ class Trainer:
         for layer in self._all_moe_layers():  # this step's load moves no bias
             layer.load_accum_E.zero_()
         self.step += 1
-        return True
+        return loss
 
     def _after_step(self, record: dict, log) -> bool:
         """Loss-spike detection and its action (``spike_factor`` > 0); True when it rolled back."""
@@ -486,16 +481,16 @@ class Trainer:
         return self._rollback(what, record, log)
 
     def _rollback(self, what: str, record: dict, log) -> bool:
-        from moelab.checkpoint.run import checkpoint_dirs
-
         cfg = self.cfg
-        if not checkpoint_dirs(self.run_dir):
+        # rank 0 lists, every rank gets its answer (none, or the same verified checkpoint): a rank that
+        # decided from its own listing (node-local disks) went on while the others waited for it
+        ckpt = choose_checkpoint(self.run_dir, self.env, missing_ok=True)
+        if ckpt is None:
             warnings.warn(f"{what}; no checkpoint to roll back to yet (set --save-every)", stacklevel=3)
             return False
         if self.rollbacks >= cfg.max_rollbacks:
             raise NumericsError(f"{what}; max_rollbacks={cfg.max_rollbacks} already used: stopped")
         self.rollbacks += 1
-        ckpt = choose_checkpoint(self.run_dir, self.env)  # the same on every rank
         # N ranks back to a 1-process checkpoint (a run resumed in another layout): weights through a plain copy
         single = (read_single_for_parallel(ckpt, self.model, self.cfg, make_optimizer)
                   if self.env is not None and not is_distributed(ckpt) else None)

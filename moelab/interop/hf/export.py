@@ -38,10 +38,11 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
     """Write ``model`` to ``out_dir`` as an HF checkpoint; returns the directory.
 
     ``family`` forces an HF model_type; by default the model's source family, else the first that fits.
-    An existing ``out_dir`` is replaced only when moelab wrote everything in it (an earlier export) or
-    ``force`` is given; a plain file there is an error (:func:`moelab.checkpoint.atomic.check_replaceable`)."""
+    An existing ``out_dir`` is replaced only when it is an earlier export whose files moelab wrote and
+    nobody changed since, or ``force`` is given; a plain file or a symbolic link there is an error
+    (:func:`moelab.checkpoint.atomic.check_replaceable`)."""
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, force)  # before any work
+    check_replaceable(out_dir, force, kind="hf-export")  # before any work
     cfg = model.config
     source = getattr(model, "hf_config", None) or {}
     adapter, fields = choose_family(cfg, family, preferred=source.get("model_type"))
