@@ -332,13 +332,13 @@ def test_a_rank_with_no_target_in_its_share_trains_as_one_process(router, parall
 
 
 # ---- diagnosis under FSDP2 (issue 23.4) ---------------------------------------------------------------
-def _diagnose_worker(rank: int, world: int, out_dir: str) -> None:
+def _diagnose_worker(rank: int, world: int, out_dir: str, reshard: bool) -> None:
     from moelab.distributed.runtime import init_from_env, parallelize
     from moelab.model import build_model
     from moelab.train.config import ParallelConfig
     from moelab.train.numerics import diagnose
 
-    env = init_from_env(ParallelConfig(timeout_s=60), 4)
+    env = init_from_env(ParallelConfig(timeout_s=30, reshard_after_forward=reshard), 4)
     cfg = _train_cfg("unused").model
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -346,29 +346,104 @@ def _diagnose_worker(rank: int, world: int, out_dir: str) -> None:
     params = dict(model.named_parameters())
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    if rank == 1:  # the NaNs sit in rank 1's shards only: rows 2-3 of the router, the last rows of q_proj
+    if rank == 1:  # the NaNs sit in rank 1's shards only: rows 2-3 of the router, the last rows of the head
         params["blocks.1.ffn.router.weight"].to_local().data[0, 0] = float("nan")
-        params["blocks.0.attn.q_proj.weight"].grad.to_local()[-1, 0] = float("nan")
-    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(rank))
+        params["lm_head.weight"].grad.to_local()[-1, 0] = float("nan")  # a root parameter's
+        # and rank 1's tokens alone make a non-finite output, early in the forward
+        model.blocks[0].ffn_norm.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    # rank 0 holds 4 tokens: 8 assignments per MoE layer, the no-grad decode path (the experts module's
+    # own forward does not run), rank 1 holds 16: the ranks run different modules
+    ids = torch.randint(0, 384, (1, 4 if rank == 0 else 16), generator=torch.Generator().manual_seed(rank))
     info = diagnose(model, ids, ids, out_dir, 1, "test", write=rank == 0, env=env)
     with open(os.path.join(out_dir, f"info{rank}.json"), "w") as f:
         json.dump(info, f)
+    # the parameters are sharded again, as the next training step expects
+    assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    assert [n for n, _ in model.named_parameters()] == list(params)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_diagnose_under_fsdp_looks_at_every_ranks_shards(tmp_path):
-    """A non-finite weight or gradient in another rank's shard is found and named on every rank (rank 0
-    writes the diagnosis): a sharded parameter's local tensor is checked on each rank and the verdicts
-    are reduced over the ranks."""
-    spawn(2, _diagnose_worker, str(tmp_path), tmp_path=tmp_path)
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "no-reshard-after-forward"])
+def test_diagnose_under_fsdp_looks_at_every_ranks_shards(reshard, tmp_path):
+    """A non-finite weight or gradient in another rank's shard, or an output on another rank's tokens, is
+    found and named on every rank (rank 0 writes the diagnosis): a sharded parameter's local tensor is
+    checked on each rank and the verdicts are reduced over the ranks, one per module or parameter
+    (review item 3: per executed module, the lists of ranks that run different modules differed in
+    length). Gradients are checked before the forward (review item 2: with ``reshard_after_forward:
+    false`` FSDP2 holds gathered parameters after it, which have no gradient, and no bad gradient was
+    found; they are sharded again after the diagnosis)."""
+    spawn(2, _diagnose_worker, str(tmp_path), reshard, tmp_path=tmp_path)
     for rank in range(2):
         info = json.loads((tmp_path / f"info{rank}.json").read_text())
         assert info["first_nonfinite_parameter"] == "blocks.1.ffn.router.weight", info
-        assert info["first_nonfinite_gradient"] == "blocks.0.attn.q_proj.weight", info
-        assert info["first_nonfinite_output"] == "blocks.1.ffn.router", info
+        assert info["first_nonfinite_gradient"] == "lm_head.weight", info
+        assert info["first_nonfinite_output"] == "blocks.0.ffn_norm", info
     assert json.loads((tmp_path / "step_000001" / "diagnosis.json").read_text())["first_nonfinite_parameter"] \
         == "blocks.1.ffn.router.weight"
+
+
+def _nan_gradient_cfg(data: str, **parallel):
+    cfg = _train_cfg(data, "topk", **parallel)
+    cfg.nonfinite = "skip"
+    cfg.parallel.timeout_s = 60
+    return cfg
+
+
+def _nan_before_clipping(trainer, step: int, name: str, on) -> None:
+    """At step ``step`` the gradient of ``name`` gets a NaN in this rank's shard (where ``on()``) after the
+    gradient reduction, just before clipping: how a sharded (FSDP2) gradient can be poisoned from outside."""
+    import moelab.train.trainer as trainer_mod
+
+    real = trainer_mod.clip_gradients
+
+    def clip_gradients(model, max_norm, env=None):
+        if trainer.step + 1 == step and on():
+            grad = dict(model.named_parameters())[name].grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = float("nan")
+        return real(model, max_norm, env)
+
+    trainer_mod.clip_gradients = clip_gradients
+
+
+def _nan_gradient_worker(rank: int, world: int, data: str, run_dir: str, parallel: dict) -> None:
+    from moelab.train import Trainer
+    from tests.test_train_guards import nan_gradient_at
+
+    t = Trainer(_nan_gradient_cfg(data, **parallel), run_dir)
+    if parallel.get("shard") == "replicate":  # plain dense weights: a hook on the parameter, before the all-reduce
+        nan_gradient_at(t, 2, "blocks.1.attn.o_proj.weight", on=lambda: rank == 1)
+    else:
+        _nan_before_clipping(t, 2, "blocks.1.attn.o_proj.weight", on=lambda: rank == 1)
+    t.fit()
+
+
+@pytest.mark.parametrize("parallel", [{"ep": 2, "shard": "replicate"}, {"ep": 2, "shard": "fsdp"}],
+                         ids=["ep-replicate", "ep-fsdp"])
+def test_a_nonfinite_gradient_on_one_rank_is_named_and_the_skipped_step_logs_the_global_loss(parallel, corpus,
+                                                                                             tmp_path):
+    """Rank 1's gradient of one weight gets a NaN at step 2, with clipping on (grad_clip 0.5). Review item
+    1: clip_grad_norm scaled every gradient by the NaN factor of the NaN norm, so the diagnosis named
+    the model's first parameter; review item 6: the skipped step logged rank 0's share of the loss,
+    not the global batch's. Both as one process with the same NaN; and the run goes on as one process
+    does (under FSDP2 after the diagnosis resharded the parameters)."""
+    from moelab.train import Trainer
+    from moelab.train.trainer import read_metrics
+    from tests.test_train_guards import nan_gradient_at
+
+    one = Trainer(_nan_gradient_cfg(corpus), tmp_path / "one")
+    nan_gradient_at(one, 2, "blocks.1.attn.o_proj.weight")
+    with pytest.warns(UserWarning, match="first non-finite gradient: blocks.1.attn.o_proj.weight;"):
+        one.fit()
+    spawn(2, _nan_gradient_worker, corpus, str(tmp_path / "run"), parallel, tmp_path=tmp_path)
+    for run in ("one", "run"):
+        info = json.loads((tmp_path / run / "diagnostics" / "step_000002" / "diagnosis.json").read_text())
+        assert info["first_nonfinite_gradient"] == "blocks.1.attn.o_proj.weight", (run, info)
+    got, want = ([r for r in read_metrics(tmp_path / run) if r["kind"] in ("train", "skipped")] for run in ("run", "one"))
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want] == \
+        [("train", 1), ("skipped", 2), ("train", 3)]
+    assert got[1]["loss"] == pytest.approx(want[1]["loss"], rel=1e-5)
+    _assert_losses([got[0], got[2]], [want[0], want[2]])
 
 
 # ---- distributed checkpoints ----------------------------------------------------------------------
@@ -474,37 +549,74 @@ def _spike_at(trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
-def _rollback_worker(rank: int, world: int, run_dir: str, cfg: dict) -> None:
+def _blind_at(trainer, step: int) -> None:
+    """From step ``step`` on, this process lists no checkpoint (node-local disks, a stale network
+    filesystem): only a decision rank 0 shares can make it roll back with the others."""
+    real_step = trainer.train_step
+
+    def train_step(batches):
+        if trainer.step + 1 == step:
+            import moelab.checkpoint.run as run_mod
+
+            run_mod.checkpoint_dirs = lambda run_dir: []
+        return real_step(batches)
+
+    trainer.train_step = train_step
+
+
+def _rollback_worker(rank: int, world: int, run_dir: str, cfg: dict, blind: bool) -> None:
     from moelab.train import TrainConfig, Trainer
 
     t = Trainer(TrainConfig.from_dict(cfg), run_dir, resume=True)
     _spike_at(t, 8)
+    if blind and rank == world - 1:
+        _blind_at(t, 8)
     t.fit()
 
 
-def test_spike_rollback_on_2_ranks_to_a_single_process_checkpoint(corpus, tmp_path):
-    """Issue 23.4: a run resumed on 2 ranks from a 1-process checkpoint rolls back to that checkpoint at a
-    spike (it crashed loading the plain weights and optimizer state into the sharded model), and goes
-    on as one process does."""
+@pytest.fixture(scope="module")
+def rollback_reference(corpus, tmp_path_factory):
+    """One process: a run checkpointed at step 2 (copied to ``base``), then resumed to step 9 with a spike
+    at step 8 that rolls back to step 2. Returns (that config, base, the continued run)."""
     from moelab.train import Trainer
 
+    root = tmp_path_factory.mktemp("rollback")
     cfg = _train_cfg(corpus, "topk")
     cfg.steps, cfg.save_every = 2, 0
-    Trainer(cfg, tmp_path / "a").fit()
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    Trainer(cfg, root / "a").fit()
+    shutil.copytree(root / "a", root / "base")
     cfg.steps, cfg.spike_factor, cfg.spike_action = 9, 3.0, "rollback"
-    one = Trainer(cfg, tmp_path / "a", resume=True)
+    one = Trainer(cfg, root / "a", resume=True)
     _spike_at(one, 8)
     with pytest.warns(UserWarning, match="rolled back to step_000002"):
         one.fit()
-    cfg.parallel.ep = 2
-    spawn(2, _rollback_worker, str(tmp_path / "b"), cfg.to_dict(), tmp_path=tmp_path)
+    return cfg, root / "base", root / "a"
+
+
+@pytest.mark.parametrize("world,parallel,blind", [
+    (2, {"ep": 2}, False),                         # EP + FSDP2 (1 x 2 mesh)
+    (2, {"ep": 2, "shard": "replicate"}, True),    # EP, replicated dense weights; rank 1 lists no checkpoint
+    (4, {"ep": 2}, False),                         # EP + FSDP2 on a 2 x 2 mesh
+], ids=["ep-fsdp", "ep-replicate-blind-rank", "2x2"])
+def test_spike_rollback_on_n_ranks_to_a_single_process_checkpoint(world, parallel, blind, rollback_reference, tmp_path):
+    """Issue 23.4: a run resumed on N ranks from a 1-process checkpoint rolls back to that checkpoint at a
+    spike (it crashed loading the plain weights and optimizer state into the sharded model), and goes
+    on as one process does. Review item 5: whether there is a checkpoint to roll back to is rank 0's
+    finding, shared; a rank that listed none itself (``blind``) went on alone while the others waited
+    for it in the checkpoint choice."""
+    from moelab.train import TrainConfig
     from moelab.train.trainer import read_metrics
 
-    for run in ("a", "b"):
-        rb = [r for r in read_metrics(tmp_path / run) if r["kind"] == "rollback"]
-        assert [(r["from_step"], r["checkpoint"]) for r in rb] == [(8, "step_000002")], run
-    _assert_losses(_train_records(tmp_path / "b"), _train_records(tmp_path / "a"))
+    ref_cfg, base, ref = rollback_reference
+    cfg = TrainConfig.from_dict(ref_cfg.to_dict())
+    for name, value in {**parallel, "timeout_s": 30}.items():
+        setattr(cfg.parallel, name, value)
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    spawn(world, _rollback_worker, str(run), cfg.to_dict(), blind, tmp_path=tmp_path)
+    rb = [r for r in read_metrics(run) if r["kind"] == "rollback"]
+    assert [(r["from_step"], r["checkpoint"]) for r in rb] == [(8, "step_000002")]
+    _assert_losses(_train_records(run), _train_records(ref))
 
 
 def _resume_plain_worker(rank: int, world: int, data: str, run_dir: str) -> None:

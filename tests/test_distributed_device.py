@@ -84,12 +84,12 @@ def test_expert_parallel_keeps_every_tensor_on_the_data_device(device, world1, m
         assert out.shape == inp.shape
         seen.append((out.device.type, inp.device.type))
 
-    def exchange_counts(counts_PL, group):  # the values no meta or fake tensor holds: what one rank receives
-        seen.append((counts_PL.device.type, "counts"))
-        return counts_PL.clone(), [list(counts_E)]
+    def read_counts(send_PL, recv_PL):  # the values no meta or fake tensor holds: what one rank sends and receives
+        seen.append((send_PL.device.type, recv_PL.device.type, "read"))
+        return [list(counts_E)], [list(counts_E)]
 
     monkeypatch.setattr(ep_mod.dist, "all_to_all_single", all_to_all_single)
-    monkeypatch.setattr(ep_mod, "_exchange_counts", exchange_counts, raising=False)
+    monkeypatch.setattr(ep_mod, "_read_counts", read_counts)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     layer = ep_mod.ExpertParallelExperts(_experts(), world1)
     shapes = {name: ep_mod._local(getattr(layer, name)).shape for name in ("gate_EFD", "up_EFD", "down_EDF")}
@@ -100,13 +100,15 @@ def test_expert_parallel_keeps_every_tensor_on_the_data_device(device, world1, m
         for name, shape in shapes.items():  # the local experts, on the data's device
             setattr(layer, name, nn.Parameter(torch.randn(shape, device=device), requires_grad=meta))
         x = torch.randn(sum(counts_E), 16, device=device, requires_grad=meta)
-        y = layer(x, counts_E)
+        assert layer.wants_count_tensor(x)  # the counts come as a tensor on the data's device
+        y = layer(x, torch.tensor(counts_E, device=device))
         assert y.device.type == device and y.shape == (10, 16)
         if device == "meta":
             y.sum().backward()
             assert x.grad.device.type == "meta" and layer.gate_EFD.grad.device.type == "meta"
-    calls = 4 if device == "meta" else 2  # dispatch and combine, and their backward
-    assert seen[0] == (device, "counts") and set(seen[1:]) == {(device, device)} and len(seen) == 1 + calls
+    calls = 5 if device == "meta" else 3  # the count exchange, dispatch and combine, and their backward
+    assert seen[1] == (device, device, "read") and len(seen) == 1 + calls
+    assert set(seen[:1] + seen[2:]) == {(device, device)}
     if device == "cuda":  # timed by CUDA events (2 ms each here), not by the host clock
         assert layer.stats.seconds == pytest.approx(calls * 0.002)
 
@@ -178,7 +180,8 @@ FACTORIES = {"arange", "tensor", "as_tensor", "zeros", "ones", "empty", "full", 
 
 def test_every_tensor_created_in_moe_and_distributed_names_its_device():
     """The static half of the audit: outside module constructors (whose parameters follow the model's
-    device), every torch factory call in moelab/moe and moelab/distributed passes ``device=``."""
+    device), every torch factory call in moelab/moe and moelab/distributed passes ``device=``, and not
+    ``device=None`` (the default device again)."""
     root = Path(moelab.__file__).parent
     missing = []
     for path in [*(root / "moe").rglob("*.py"), *(root / "distributed").rglob("*.py")]:
@@ -189,7 +192,9 @@ def test_every_tensor_created_in_moe_and_distributed_names_its_device():
             for call in ast.walk(fn):
                 if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
                         and isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
-                        and call.func.attr in FACTORIES and not any(k.arg == "device" for k in call.keywords)):
+                        and call.func.attr in FACTORIES
+                        and not any(k.arg == "device" and not (isinstance(k.value, ast.Constant) and k.value.value is None)
+                                    for k in call.keywords)):
                     missing.append(f"{path.relative_to(root)}:{call.lineno} torch.{call.func.attr}")
     assert not missing, missing
 
@@ -198,8 +203,9 @@ def test_every_tensor_created_in_moe_and_distributed_names_its_device():
 def test_all_to_all_seconds_count_the_recompute_and_its_backward(checkpointing, world1, monkeypatch):
     """Issue 23.4: activation checkpointing recomputes a block in backward, two more all-to-alls per
     MoE layer whose time is real; their rows are the forward's again. A clock that advances 1 s per
-    reading makes every timed all-to-all last 1 s: 4 per layer without checkpointing, 6 with it
-    (it was 2: the recompute and the backward after it were not timed), the same rows either way."""
+    reading makes every timed all-to-all last 1 s: 5 per layer without checkpointing (the count
+    exchange, dispatch and combine, and the backward of the last two; the count exchange, where a rank
+    waits for slower ones, was not timed: 4), 8 with it (the recompute exchanges counts again)."""
     import dataclasses
 
     from moelab.model import build_model
@@ -212,5 +218,33 @@ def test_all_to_all_seconds_count_the_recompute_and_its_backward(checkpointing, 
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
     model(ids, labels=ids).loss.backward()
     layers = ep_mod.expert_parallel_layers(model)
-    assert [layer.stats.seconds for layer in layers] == [6.0 if checkpointing else 4.0] * 2
+    assert [layer.stats.seconds for layer in layers] == [8.0 if checkpointing else 5.0] * 2
     assert [layer.stats.rows_sent for layer in layers] == [0, 0]  # one rank: no row leaves it
+
+
+def test_an_expert_parallel_dispatch_reads_the_counts_to_the_host_once(world1, monkeypatch):
+    """Review item 7: the counts went to the host (``tolist``), back to the device (``torch.tensor``) for the
+    exchange, and the received ones to the host again: three host syncs per MoE layer on CUDA. Now
+    the count tensor is exchanged as it is and both matrices are read in one ``tolist``."""
+    from moelab.moe.dispatch import dispatch_combine
+    from moelab.moe.routing import Routing
+
+    layer = ep_mod.ExpertParallelExperts(_experts(), world1)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        reads.append(tuple(t.shape))
+        return real_tolist(t)
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 16, generator=g)
+    logits = torch.randn(6, 4, generator=g)
+    weight, idx = logits.softmax(-1).topk(2)
+    routing = Routing.from_topk(idx, weight, logits, logits.softmax(-1))
+    want = dispatch_combine(_experts(), x, routing)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    got = dispatch_combine(layer, x, routing)
+    monkeypatch.undo()
+    assert reads == [(2, 1, 4)]  # sent and received counts (P=1, L=4), together
+    torch.testing.assert_close(got, want)

@@ -176,16 +176,19 @@ def _latest(run_dir: Path, verify: bool, allow_unverified: bool | None, part: tu
     raise CheckpointError(f"{run_dir}: no intact checkpoint; every one failed verification: {'; '.join(skipped)}")
 
 
-def choose_checkpoint(run_dir: Path, env=None, set_aside: bool = False) -> Path:
+def choose_checkpoint(run_dir: Path, env=None, set_aside: bool = False, missing_ok: bool = False) -> Path | None:
     """The checkpoint to resume or roll back to, the same on every process: rank 0 lists the candidates,
     every rank hashes its share of each (about 1/world of its bytes) until all agree one is intact,
     and rank 0 alone sets newer ones aside (``set_aside``, on resume), after every rank has finished
-    reading. ``env``: the DistEnv (None: one process).
+    reading. ``env``: the DistEnv (None: one process). ``missing_ok``: None when rank 0 finds no
+    checkpoint at all (on every process: no process decides from its own listing), instead of raising.
 
     A failure on one process alone (rank 0's listing or renaming, any rank's reading) is broadcast and
     raised on every process at once, as a CheckpointError, never left for the others to wait out
     ``parallel.timeout_s``; rank 0 warns only after the last collective."""
     if env is None or env.world <= 1:
+        if missing_ok and not checkpoint_dirs(run_dir):
+            return None
         ckpt = latest_checkpoint(run_dir)
         if set_aside:
             for line in set_aside_newer(run_dir, ckpt):
@@ -207,6 +210,8 @@ def choose_checkpoint(run_dir: Path, env=None, set_aside: bool = False) -> Path:
     listing = from_main(listing)
     if isinstance(listing, str):
         raise CheckpointError(f"{run_dir}: {listing}")
+    if missing_ok and not listing:
+        return None
 
     def combine(verdict):
         every = [None] * env.world

@@ -2,9 +2,11 @@
 expert-parallel group keeps E / P of every MoE layer's routed experts and runs them for the tokens
 of every rank; routing, losses, metrics and shared experts stay on the token's own rank.
 
-Per MoE layer and forward (rows already sorted by expert, ``counts_E`` rows for expert e):
+Per MoE layer and forward (rows already sorted by expert, ``counts_E`` rows for expert e, a tensor on
+the data's device):
   1. exchange counts: rank r tells rank s how many of its rows go to each of s's local experts
-     (an all-to-all of a (P, E/P) count matrix);
+     (an all-to-all of a (P, E/P) count matrix on the data's device), then the one host read of a
+     dispatch: the sent and received counts together (the split sizes must be known on the host);
   2. all-to-all the rows with variable split sizes (rows for rank s are one contiguous block,
      because experts are owned in contiguous ranges and rows are sorted by expert);
   3. regroup the received rows by local expert, run the fast expert kernel, undo the regrouping;
@@ -40,12 +42,14 @@ class A2AStats:
     """What one layer's all-to-alls did since the last ``reset``: rows of this rank's tokens dispatched
     to experts on other ranks, rows of other ranks' tokens this rank's experts received (a rank's
     rows for its own experts never leave it; the combine and the backward pass move the same rows
-    back), and seconds spent in all the all-to-alls, waiting for slower ranks included.
+    back), and seconds spent in all the all-to-alls (the count exchange's included: the first
+    collective of a layer's dispatch, where a rank waits for slower ranks to arrive).
 
     ``seconds``: on CUDA the time between CUDA events recorded on the current stream around each
     all-to-all (device time: a NCCL call returns to the host at launch, so host time would measure
     the launch only), read when ``seconds`` is first asked for after the step (that waits for the
-    events); on the CPU (gloo, which returns when the exchange is done) host seconds. Rows are
+    events; the count exchange's interval ends before the host reads the counts); on the CPU (gloo,
+    which returns when the exchange is done) host seconds around each call. Rows are
     counted once per forward: activation checkpointing's recompute moves the same rows again and
     counts nothing (``count_rows`` False then), while every all-to-all's time counts, the recompute's
     and its backward's included."""
@@ -77,28 +81,38 @@ class A2AStats:
 _now = time.perf_counter  # the host clock (a module attribute, so tests can replace it)
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: A2AStats) -> torch.Tensor:
-    out = x.new_empty(sum(out_splits), *x.shape[1:])
+def _timed_all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits, in_splits, group, stats: A2AStats) -> None:
     if x.is_cuda:  # device time between events: the call itself returns at launch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
         end.record()
         stats.add_events(start, end)
     else:
         t0 = _now()
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
         stats.add_host(_now() - t0)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: A2AStats) -> torch.Tensor:
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    _timed_all_to_all(out, x.contiguous(), out_splits, in_splits, group, stats)
     return out
 
 
-def _exchange_counts(counts_PL: torch.Tensor, group) -> tuple[torch.Tensor, list[list[int]]]:
+def _exchange_counts(counts_PL: torch.Tensor, group, stats: A2AStats) -> torch.Tensor:
     """All-to-all of a (P, L) count matrix on the data's device (NCCL moves CUDA tensors, gloo CPU
-    ones): row s of the result is what rank s sends me for each of my local experts. Returns it and
-    the same numbers on the host (the one host sync of a dispatch: the split sizes must be known)."""
+    ones), timed like the row exchanges: row s of the result is what rank s sends me for each of my
+    local experts."""
     recv_PL = torch.empty_like(counts_PL)
-    dist.all_to_all_single(recv_PL, counts_PL, group=group)
-    return recv_PL, recv_PL.tolist()
+    _timed_all_to_all(recv_PL, counts_PL.contiguous(), None, None, group, stats)
+    return recv_PL
+
+
+def _read_counts(send_PL: torch.Tensor, recv_PL: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """Both count matrices on the host: the one host sync of a dispatch (split sizes are host numbers)."""
+    both = torch.stack([send_PL, recv_PL]).tolist()
+    return both[0], both[1]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -141,15 +155,22 @@ class _ExpertParallel(nn.Module):
             setattr(self, name, nn.Parameter(DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False)))
 
     def wants_count_tensor(self, x_AD: torch.Tensor) -> bool:
-        return False
+        """The counts as a tensor on the data's device: they go straight into the count exchange, and one
+        host read after it gives both split sizes (a list would cost a read, a copy back and a read)."""
+        return True
 
-    def _dispatch(self, x_AW: torch.Tensor, counts_E: list[int]):
+    def _dispatch(self, x_AW: torch.Tensor, counts_E: list[int] | torch.Tensor):
         """(rows received for my experts, sorted by local expert; their counts; what _combine needs).
-        Counts, splits and the permutation stay on the data's device (as torchtitan's do)."""
+        Counts and the permutation stay on the data's device (as torchtitan's do); the split sizes are
+        host numbers, read once (:func:`_read_counts`)."""
         P, L, dev = self.world, self.local, x_AW.device
-        counts_PL = torch.tensor(counts_E, dtype=torch.long, device=dev).view(P, L)  # my rows for each rank's experts
-        recv_PL, recv = _exchange_counts(counts_PL, self.group)  # rows each rank sends me, per local expert
-        send_splits = [sum(counts_E[s * L:(s + 1) * L]) for s in range(P)]
+        if torch.is_tensor(counts_E):
+            counts_PL = counts_E.to(device=dev, dtype=torch.long).view(P, L)  # my rows for each rank's experts
+        else:
+            counts_PL = torch.tensor(counts_E, dtype=torch.long, device=dev).view(P, L)
+        recv_PL = _exchange_counts(counts_PL, self.group, self.stats)  # rows each rank sends me, per local expert
+        send, recv = _read_counts(counts_PL, recv_PL)
+        send_splits = [sum(row) for row in send]
         recv_splits = [sum(row) for row in recv]
         x_RW = _AllToAll.apply(x_AW, recv_splits, send_splits, self.group, self.stats)
         if self.stats.count_rows:
@@ -180,7 +201,7 @@ class ExpertParallelExperts(_ExpertParallel):
         self.d_model, self.ffn_dim, self.activation = experts.d_model, experts.ffn_dim, experts.activation
         self._shard(experts, ("gate_EFD", "up_EFD", "down_EDF"))
 
-    def forward(self, x_AD: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, counts_E: list[int] | torch.Tensor) -> torch.Tensor:
         x_RD, local_counts, ctx = self._dispatch(x_AD, counts_E)
         y = sorted_experts(x_RD, _local(self.gate_EFD), _local(self.up_EFD), _local(self.down_EDF),
                            local_counts, self.activation)
@@ -211,11 +232,12 @@ class ExpertParallelAoEExperts(_ExpertParallel):
     def active_param_count(self, k: float, scores_all: bool) -> float:
         return AoEExperts.active_param_count(self, k, scores_all)
 
-    def forward(self, x_AD: torch.Tensor, counts_E: list[int], low_AL: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, counts_E: list[int] | torch.Tensor,
+                low_AL: torch.Tensor | None = None) -> torch.Tensor:
         if low_AL is None:  # router-based AoE: x W_down for each row's own expert, on the token's rank
             w = self.wdown_ELD.to(x_AD.dtype)
             parts, start = [], 0
-            for e, n in enumerate(counts_E):
+            for e, n in enumerate(counts_E.tolist() if torch.is_tensor(counts_E) else counts_E):
                 parts.append(x_AD[start:start + n] @ w[e].t())
                 start += n
             low_AL = torch.cat(parts) if parts else x_AD.new_zeros(0, self.d_low)

@@ -207,7 +207,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Ten
     """torch.nn.utils.clip_grad_norm_ over the whole model however it is split: the squared norms of
     the local shards, each counted once (a replicated tensor divided by its number of copies),
     summed over all ranks. Returns the global norm; scales the gradients by
-    min(1, max_norm / (norm + 1e-6)) as torch does."""
+    min(1, max_norm / (norm + 1e-6)) as torch does, and not at all when the norm is not finite (the
+    step is then skipped or stopped, and the diagnosis must see which gradient went non-finite, not
+    every gradient times NaN)."""
     replicated = getattr(model, "_moelab_replicated", False)
     grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -218,6 +220,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Ten
     norm = sq.sqrt().float()
     if math.isfinite(max_norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(norm.isfinite(), coef, torch.ones_like(coef))  # no host sync
         for _, g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
     return norm

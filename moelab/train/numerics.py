@@ -38,6 +38,34 @@ def _nonfinite(t) -> bool:
     return _nonfinite(logits) if logits is not None else False
 
 
+def clip_gradients(model: nn.Module, max_norm: float, env=None) -> torch.Tensor:
+    """The global gradient norm, after scaling the gradients to at most ``max_norm`` (inf: no clipping)
+    as ``torch.nn.utils.clip_grad_norm_`` does, bit for bit; ``env``: several processes
+    (:func:`moelab.distributed.runtime.clip_grad_norm`). A non-finite norm scales nothing: the clip
+    factor would be NaN (also for ``max_norm`` inf) and turn every gradient NaN before :func:`diagnose`
+    looks for the one that was."""
+    if env is not None:
+        from moelab.distributed.runtime import clip_grad_norm
+
+        return clip_grad_norm(model, max_norm, env)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if math.isfinite(max_norm) and math.isfinite(float(norm)):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def global_verdict(grad_norm: float, loss: float, env=None) -> tuple[bool, float]:
+    """Whether the step is non-finite on any rank, and the global batch's loss (the mean of the ranks'
+    shares, as the logged metrics are): one all-reduce. ``grad_norm`` is already global."""
+    bad = not (math.isfinite(grad_norm) and math.isfinite(loss))
+    if env is None:
+        return bad, loss
+    t = torch.tensor([float(bad), loss], dtype=torch.float64, device="cpu")  # host numbers: over gloo
+    env.all_reduce(t)
+    return bool(t[0] > 0), float(t[1]) / env.world
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is. A DTensor's own
     ``isfinite().all()`` is a partial result: checked locally, the verdicts are reduced over the ranks."""
@@ -46,13 +74,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _first_on_any_rank(flags: list[bool], env) -> int | None:
-    """The first index flagged on any rank (one all-reduce), None when none is."""
-    if env is not None and flags:
-        t = torch.tensor([float(f) for f in flags], dtype=torch.float32, device="cpu")
-        env.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        flags = [bool(v) for v in t.tolist()]
-    return next((i for i, f in enumerate(flags) if f), None)
+def _first(codes: torch.Tensor) -> int | None:
+    """The index of the smallest code (the first on ties), None when every code is inf."""
+    return int(torch.argmin(codes)) if bool(codes.isfinite().any()) else None
+
+
+def _reshard(model: nn.Module) -> None:
+    """With ``reshard_after_forward: false`` FSDP2 leaves the parameters gathered after a forward with no
+    backward: shard them again, as the training step expects."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 @torch.no_grad()
@@ -61,18 +95,29 @@ def diagnose(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, out_dir:
     """Name where the non-finite value starts and save the routing of the step (see module doc).
     ``env`` (several processes, every rank calls it): outputs, weights and gradients are checked on
     every rank's tokens and shards and the first found on any rank is named; the routing saved is
-    this rank's (rank 0 writes)."""
+    this rank's (rank 0 writes).
+
+    Gradients and weights are checked before the forward (after it FSDP2 may hold gathered parameters,
+    which have no gradient). Every verdict is one number per module or parameter, in
+    ``named_modules()`` / ``named_parameters()`` order, the same on every rank whatever modules a rank's
+    forward ran (a few-token MoE layer skips its experts' forward): for a module the position in this
+    rank's execution order of its output when it is the rank's first non-finite one, else inf; the
+    minimum over the ranks names the first (earliest on any rank; in module order on ties)."""
     from moelab.moe.layer import MoELayer
 
-    executed: list[str] = []  # modules in the order their forward ended (the same on every rank)
-    bad_out: list[bool] = []
+    params = list(model.named_parameters())
+    grad_codes = [0.0 if p.grad is not None and _nonfinite(_local(p.grad)) else math.inf for _, p in params]
+    param_codes = [0.0 if _nonfinite(_local(p)) else math.inf for _, p in params]
+    modules = list(model.named_modules())
+    first_out = [math.inf] * len(modules)
+    executed, found = [0], [False]  # forwards ended so far; whether a non-finite output was seen
     routing: dict[str, torch.Tensor] = {}
     hooks = []
-    names = {m: n for n, m in model.named_modules()}
-    for module in model.modules():
-        def hook(mod, args, output, name=names[module]):
-            executed.append(name or "(model)")
-            bad_out.append(not any(bad_out) and _nonfinite(output))
+    for index, (name, module) in enumerate(modules):
+        def hook(mod, args, output, name=name, index=index):
+            if not found[0] and _nonfinite(output):
+                first_out[index], found[0] = float(executed[0]), True
+            executed[0] += 1
             if isinstance(mod, MoELayer):
                 r = output[1]
                 if r is not None and r.logits_TE is not None:
@@ -88,12 +133,15 @@ def diagnose(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, out_dir:
         for h in hooks:
             h.remove()
         model.train(was)
-    first = _first_on_any_rank(bad_out, env)
-    params = list(model.named_parameters())
-    bad_grad = _first_on_any_rank([p.grad is not None and _nonfinite(_local(p.grad)) for _, p in params], env)
-    bad_param = _first_on_any_rank([_nonfinite(_local(p)) for _, p in params], env)
+        _reshard(model)
+    codes = torch.tensor([*first_out, *grad_codes, *param_codes], dtype=torch.float64, device="cpu")
+    if env is not None:  # one all-reduce of every verdict (host numbers: over gloo)
+        env.all_reduce(codes, op=torch.distributed.ReduceOp.MIN)
+    out_codes, grad_t, param_t = codes.split([len(modules), len(params), len(params)])
+    first, bad_grad, bad_param = (_first(c) for c in (out_codes, grad_t, param_t))
     d = Path(out_dir) / f"step_{step:06d}"
-    info = {"step": step, "reason": reason, "first_nonfinite_output": executed[first] if first is not None else None,
+    info = {"step": step, "reason": reason,
+            "first_nonfinite_output": (modules[first][0] or "(model)") if first is not None else None,
             "first_nonfinite_gradient": params[bad_grad][0] if bad_grad is not None else None,
             "first_nonfinite_parameter": params[bad_param][0] if bad_param is not None else None,
             "saved": sorted(routing), "directory": str(d)}
