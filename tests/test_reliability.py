@@ -14,30 +14,19 @@ import torch
 from moelab.checkpoint.integrity import MANIFEST, check_directory, verify_directory
 from moelab.checkpoint.run import checkpoint_dirs, latest_checkpoint
 from moelab.cli import main
-from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
 from moelab.errors import CheckpointError
-from moelab.train import TrainConfig, Trainer, train
+from moelab.train import Trainer, train
 from moelab.train.trainer import read_metrics
+from tests.helpers import small_train_config, write_word_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    lines = [json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(50)), "domain": "w"})
-             for i in range(60)]
-    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _cfg(corpus, **kw):
-    model = ModelConfig(vocab_size=300, d_model=32, num_layers=2, max_seq_len=64, dense_ffn_dim=64,
-                        attention=AttentionConfig(num_heads=4, num_kv_heads=2),
-                        moe=MoEConfig(num_experts=4, expert_ffn_dim=32, router=RouterConfig(top_k=2)))
-    base = dict(model=model, data=corpus, steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=0,
-                eval_batches=1, save_every=2, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_train_config(corpus, **kw)
 
 
 @pytest.fixture(scope="module")
