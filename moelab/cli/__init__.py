@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moelab", formatter_class=_Formatter,
         description="moelab: build, train, run and analyse Mixture-of-Experts language models.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    from moelab import __version__
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for register in (model.register, data.register, train.register, generate.register, train.register_report,
@@ -159,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 def main_entry() -> None:
     if "--debug" not in sys.argv[1:]:  # one line per warning, without the source line that raised it
         warnings.formatwarning = lambda message, category, *rest, **kw: f"moelab: warning: {message}\n"
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`moelab ... --json | head -c 100`): stop quietly as other CLIs do, with
+        # the status a process killed by SIGPIPE has; stdout points at /dev/null so the interpreter's
+        # final flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moelab.errors import ConfigError
+
+# the moe-layer shapes of moelab.bench.harness.SHAPES, named here so `--help` imports no torch (a test keeps them equal)
+SHAPE_NAMES = ("tiny-train", "fine-grained", "bigger", "decode1", "decode8", "decode1-bigger", "decode8-bigger")
 NAMES = ["moe-layer", "train", "generate", "engine", "aoe", "kv-cache", "speculative", "distributed", "ckpt", "all"]
 
 
@@ -20,7 +24,8 @@ def register(sub, formatter) -> None:
                               "  moelab bench ckpt --out runs/bench_ckpt   # checkpoint save/verify cost, 671B projection\n"
                               "  moelab bench all --markdown BENCHMARKS.md   # what `make bench` runs")
     p.add_argument("name", choices=NAMES)
-    p.add_argument("--shape", action="append", help="moe-layer shape(s) (default: all); see moelab.bench.harness")
+    p.add_argument("--shape", action="append",
+                   help=f"moe-layer shape (repeatable; default: all): {', '.join(SHAPE_NAMES)}")
     p.add_argument("--quick", action="store_true", help="CI-sized shapes; only checks that outputs match")
     p.add_argument("--preset", default="tiny", help="aoe: the router-based MoE to compare against")
     p.add_argument("--d-low", type=int, help="aoe: d_low (default d_model / 4)")
@@ -55,6 +60,9 @@ def cmd_bench(args) -> int:
         print(json.dumps(result, indent=1) if args.json else "\n".join(summary(result)))
         return 0
     reps = args.reps or (1 if args.quick else 5)
+    unknown = [s for s in args.shape or [] if s not in harness.SHAPES]
+    if unknown:
+        raise ConfigError("--shape", unknown[0], f"unknown moe-layer shape; one of {', '.join(harness.SHAPES)}")
     shapes = args.shape or list(harness.SHAPES)
     results = {}
     if args.name in ("moe-layer", "all"):

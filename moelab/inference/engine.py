@@ -5,7 +5,9 @@ rolling-buffer cache for sliding-window layers.
 
 Padding is masked everywhere: it is never attended to and never routed (see
 ``MoETransformer.forward(attention_mask=...)``), and positions count real tokens only, so every row
-computes what its prompt alone would (tested token for token against single-sequence decoding).
+computes what its prompt alone would (tested token for token against single-sequence decoding); with
+sampling and a seed every row draws from its own generator (all seeded with the seed), so the same
+holds for sampled rows.
 A row that has stopped feeds padding from then on, so it takes no expert capacity either.
 
 Shape legend: B batch, T positions, V vocab.
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moelab.errors import ConfigError
-from moelab.inference.generate import require_dropless, sample_next
+from moelab.inference.generate import check_sampling, require_dropless, sample_next
 from moelab.model import MoETransformer
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "context")
@@ -101,6 +103,7 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
             raise ConfigError("prompts", "text", "text prompts need the tokenizer (pass tokenizer=...)")
         prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     prompts = [list(p) for p in prompts]
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     _check(model, prompts, max_new_tokens, stop_strings, tokenizer, prefill_chunk, stream)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_id] if tokenizer is not None else []
@@ -112,7 +115,9 @@ def generate_batch(model: MoETransformer, prompts: Sequence[Sequence[int] | str]
     for b, p in enumerate(prompts):  # left padding
         ids_BT[b, T0 - len(p):] = torch.tensor(p, device=dev)
         mask_BT[b, T0 - len(p):] = 1
-    generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    # every row its own generator with the same seed: a row samples what its prompt alone would, whatever
+    # else is in the batch (a shared generator would hand each row draws that depend on the rows before it)
+    generator = [torch.Generator(device=dev).manual_seed(seed) for _ in range(B)] if seed is not None else None
     cache = model.new_cache(rolling=rolling_cache)
     chunk = prefill_chunk or T0
     # without any padding the mask is left out: no mask work and no host sync per layer and step

@@ -23,9 +23,30 @@ def require_dropless(model: MoETransformer, why: str) -> None:
                               f"{why}; set it to null for generation")
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int | None = None,
+                   prefix: str = "") -> None:
+    """Refuse sampling settings that would silently mean something else, naming the argument
+    (``prefix``: "--" for command-line flags): temperature >= 0 (0 is greedy), top_k None or >= 1,
+    top_p None or in (0, 1], max_new_tokens >= 1."""
+    import math
+
+    name = (lambda n: prefix + n.replace("_", "-")) if prefix else (lambda n: n)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(name("temperature"), temperature, "must be >= 0 (0 = greedy; 1 samples the model's own "
+                                                            "distribution)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(name("top_k"), top_k, "must be >= 1 (the most likely tokens kept per step), or None for no "
+                                                "top-k cut" + ("; on the command line: --top-k none" if prefix else ""))
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(name("top_p"), top_p, "must be in (0, 1] (1 keeps every token)")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ConfigError(name("max_new_tokens"), max_new_tokens, "must be >= 1")
+
+
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits; temperature 0 is greedy."""
+                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits; temperature 0 is greedy. ``generator``: one for
+    the batch, or a list with one per row (each row then samples as it would alone)."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
     logits = logits_BV.float() / temperature
@@ -39,6 +60,8 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_k: int | None, 
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draws ignore the other rows
+        return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g) for b, g in enumerate(generator)])[:, 0]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -47,6 +70,7 @@ def generate_ids(model: MoETransformer, input_ids: torch.Tensor, max_new_tokens:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``input_ids`` (B, T); stops early when all rows hit eos."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     model.eval()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     B, T0 = input_ids.shape
