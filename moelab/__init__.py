@@ -6,9 +6,22 @@ parsers start without importing torch; ``import moelab; moelab.build_model(...)`
 
 from __future__ import annotations
 
-import importlib
+import importlib as _importlib
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    try:  # the installed package's metadata (pyproject.toml), so the two cannot disagree
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("moelab")
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    return "0.1.0"  # a source tree that was never installed
+
+
+__version__ = _version()
 
 # name -> the module that defines it (docs/architecture.md says which folder owns what)
 _EXPORTS = {
@@ -23,6 +36,7 @@ _EXPORTS = {
     "save_model": "moelab.checkpoint.model_files", "export_hf": "moelab.interop.hf",
     "TrainConfig": "moelab.train.config",
     "generate": "moelab.inference.generate", "generate_batch": "moelab.inference.engine",
+    "Completion": "moelab.inference.engine",
     "analyze": "moelab.analysis.analyze",
 }
 
@@ -31,11 +45,12 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'moelab' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # the public API and the module's dunders; not the helpers (_version) or what this file imports
+    return sorted(set(__all__) | {"__version__", "__all__", "__doc__", "__name__", "__file__", "__path__"})

@@ -183,7 +183,7 @@ def test_cli_train_generate_report(corpus_file, tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "alpha", "--max-new-tokens", "5", "--temperature", "0",
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["prompt"] == "alpha" and isinstance(data["completion"], str)
+    assert data["results"][0]["prompt"] == "alpha" and isinstance(data["results"][0]["text"], str)
     assert main(["report", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["final_step"] == 6
     # resuming with a different config names the field and changes nothing on disk
@@ -242,7 +242,7 @@ def test_generate_from_exported_hf_directory(corpus_file, tmp_path, capsys):
     for src in (tmp_path / "run", tmp_path / "hf"):
         assert main(["generate", str(src), "--prompt", "What is", "--max-new-tokens", "12", "--temperature", "0",
                      "--json"]) == 0
-        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completion"])
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]["text"])
     assert outs[0] == outs[1] and len(outs[0]) > 0
 
 

@@ -36,8 +36,9 @@ def register(sub, formatter) -> None:
                         "and the speed-up over plain greedy decoding, timed side by side")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks first (pays off on long outputs: compiling takes ~1 min on CPU)")
-    p.add_argument("--json", action="store_true", help='print {"seed", "results": [{"prompt", "text", "finish_reason", "token_ids", '
-                                                        '"logprobs"}, ...]} (one row per --prompt)')
+    p.add_argument("--json", action="store_true",
+                   help='print {"seed", "results": [{"prompt", "text", "finish_reason", "token_ids", "logprobs"}]} '
+                        '(one row per --prompt, one prompt or several)')
     p.set_defaults(func=cmd_generate)
 
 
