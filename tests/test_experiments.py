@@ -30,7 +30,7 @@ def test_router_experiment_quick(tmp_path, capsys):
         assert 0 < r["val_loss"] < 10 and r["median_tokens_per_s"] > 0
     md = (out / "report.md").read_text()
     for r in rows.values():
-        assert f"| {r['name']} | {r['val_loss']:.4g} |" in md
+        assert f"| {r['name']} | {r['val_loss']:.4f} |" in md
     for png in ("val_loss_by_router.png", "max_load_over_training.png", "experts_per_token.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     # a second run into the same directory is refused rather than mixing results

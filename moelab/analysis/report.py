@@ -50,6 +50,7 @@ def _fig_consecutive(r: dict, fig_dir: Path) -> Path:
     ax.plot(L, [x["random_first"] for x in c], "--", color="tab:blue", alpha=0.6, label="random (first)")
     ax.plot(L, [x["random_either"] for x in c], "--", color="tab:orange", alpha=0.6, label="random (either)")
     ax.set_xlabel("layer"), ax.set_ylabel("rate over adjacent tokens"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    ax.set_xticks(L)  # layers are integers: no fractional ticks
     return save_figure(fig, fig_dir / "consecutive.png")
 
 
@@ -90,7 +91,7 @@ def _fig_similarity(r: dict, fig_dir: Path) -> Path:
     fig.colorbar(axes[0][0].images[0], ax=axes[:, :3], fraction=0.02, label="cosine (weights)")
     path = fig_dir / "expert_similarity.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # tight: no empty band above the grid
     plt.close(fig)
     return path
 
@@ -151,8 +152,16 @@ def _table(headers, rows) -> str:
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>" + body + "</table>"
 
 
+def _swatch(e: int) -> str:
+    c = COLORS[e % 20]
+    return f"rgb({int(c[0] * 255)},{int(c[1] * 255)},{int(c[2] * 255)})"
+
+
 def _token_view_html(view: dict) -> str:
     parts = [f"<p>Top-1 expert of each token at layer {view['layer']} (colour = expert).</p>"]
+    used = sorted({e for d in view["documents"] for e in d["top1"] if e >= 0})
+    parts.append("<p class='legend'>Colour legend: " + " ".join(
+        f'<span style="background:{_swatch(e)};padding:0 6px">expert {e}</span>' for e in used) + "</p>")
     for d in view["documents"]:
         spans = "".join(
             f'<span title="expert {e}" style="background:rgb({int(COLORS[e % 20][0] * 255)},'
@@ -236,9 +245,25 @@ def write_analysis_report(out: Path, r: dict) -> Path:
     notes = "".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in r["notes"])
     head = (f"<h1>moelab analyze: {html.escape(r['source'])}</h1>{notes}<p>{r['tokens']:,} tokens, "
             f"{r['documents']:,} documents, domains {', '.join(r['domains'])}; MoE layers {L}; "
-            f"{r['seconds']:.1f} s.</p>")
+            f"{r['seconds']:.1f} s.</p><p>{html.escape(layers_note(L))}</p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>moelab analysis</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}.how{color:#444}</style></head><body>"
+            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}.how{color:#444}"
+            "code{font-family:monospace;color:#a31515;background:#f3f3f3;padding:0 2px}"
+            "var,.math{font-family:serif;font-style:italic;color:#222}</style></head><body>"
             + head + "".join(sections) + "</body></html>")
+    md = [f"# moelab analyze: {r['source']}", "", *[f"**Note:** {n}" for n in r["notes"]], "",
+          f"{r['tokens']:,} tokens, {r['documents']:,} documents, domains {', '.join(r['domains'])}; "
+          f"MoE layers {L}; {r['seconds']:.1f} s.", "", layers_note(L), "",
+          "Every number is in result.json; figures and explanations are in report.html.", "", "## Figures", ""]
+    md += [f"![{p.stem}](figures/{p.name})" for p in sorted(figs.glob("*.png"))]
+    write_atomic(out / "report.md", "\n".join(md) + "\n")
     return write_atomic(out / "report.html", page)
+
+
+def layers_note(layers: list[int]) -> str:
+    """Say which layers the load and similarity figures show, and why (issue 24)."""
+    picks = _pick(layers)
+    return (f"The expert-load and similarity figures show layers {', '.join(map(str, picks))} of the "
+            f"{len(layers)} analysed MoE layers {layers}: the first, middle and last, to keep the figures "
+            "readable; the tables and result.json have every layer.")

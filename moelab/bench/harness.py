@@ -67,6 +67,10 @@ def hf_experts_implementations() -> list[str]:
     return ["eager", *[k for k in ALL_EXPERTS_FUNCTIONS.keys() if k != "eager"]]
 
 
+QUICK_NOTE = ("quick mode: CI-sized shapes, every output matched the reference loop; the ratios are "
+              "not meaningful as performance numbers")
+
+
 def bench_moe_layer(shape: str, reps: int = 5, quick: bool = False, seed: int = 0) -> dict:
     from moelab.config import AttentionConfig, ModelConfig, MoEConfig, RouterConfig
     from moelab.moe.layer import MoELayer
@@ -156,6 +160,10 @@ def bench_moe_layer(shape: str, reps: int = 5, quick: bool = False, seed: int = 
             "moelab_default": "moelab-sorted", "moelab_best": ours_best,
             "vs_transformers_best": {key: (best_hf[key] / results["moelab-sorted"][key]["median_s"]
                                            if best_hf[key] else None) for key in ("fwd", "fwd_bwd")},
+            "outputs_match": matched,
+            # NOTE: --quick shrinks T to CI size on a shared machine: the timings are too small to compare
+            "ratios_meaningful": not quick,
+            "note": (QUICK_NOTE if quick else ""),
             "machine": machine()}
 
 

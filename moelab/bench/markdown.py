@@ -40,7 +40,7 @@ def moe_layer_rows(results: list[dict]) -> list[list]:
                      _f(ours["fwd_x_limit"]), _f(ours["fwd_bwd_x_limit"]),
                      _f(c[best_hf]["fwd_bwd_x_limit"]) if best_hf else "n/a", best_hf or "n/a",
                      f"{_f(1 / vs if decode and vs else vs, 2)}{' (latency ratio)' if decode else 'x'}",
-                     TARGETS.get(("moe-layer", r["shape"]), "")])
+                     TARGETS.get(("moe-layer", r["shape"]), "") + (" (quick: ratios not meaningful)" if r.get("quick") else "")])
     return rows
 
 
@@ -51,6 +51,11 @@ def summary_lines(results: dict) -> list[str]:
         out.append(f"moe-layer {r['shape']}: moelab fwd+bwd {c['fwd_bwd_x_limit']:.2f} x limit, fwd "
                    f"{c['fwd_x_limit']:.2f}; vs transformers best: fwd+bwd {_f(r['vs_transformers_best']['fwd_bwd'], 2)}x,"
                    f" fwd {_f(r['vs_transformers_best']['fwd'], 2)}x")
+        ok = all(r.get("outputs_match", {}).values()) if r.get("outputs_match") else True
+        out.append(f"moe-layer {r['shape']}: outputs {'matched' if ok else 'DIFFER from'} the reference loop "
+                   f"({', '.join(r.get('outputs_match', {})) or 'all contenders'})")
+        if r.get("quick"):
+            out[-2] += " (quick mode: ratios not meaningful)"
     for name, r in results.get("train", {}).get("models", {}).items():
         out.append(f"train {name}: moelab {r['speedup']:.2f}x transformers tokens/s, saved-for-backward memory "
                    f"{r['memory_ratio']:.2f}x")

@@ -23,6 +23,7 @@ from moelab.experiments.common import (
     prepare_out,
     run_variant,
     shared_data,
+    warm_up,
 )
 from moelab.reports.writer import md_table, save_figure, write_report
 from moelab.train import TrainConfig
@@ -68,6 +69,7 @@ def run_router_experiment(s: ExperimentSettings) -> dict:
     base = base_config(s)
     data = shared_data(base)
     rows = []
+    warm_up(next(iter(ROUTER_VARIANTS.values()))[1](base))  # untimed, so the first variant's tokens/s is fair
     for name, (desc, transform) in ROUTER_VARIANTS.items():
         cfg = transform(base)
         desc = f"{desc}; {cfg.model.moe.router.balancing_summary()}"
@@ -78,14 +80,20 @@ def run_router_experiment(s: ExperimentSettings) -> dict:
     return finish(out, "routers", s, base, data, rows, _report)
 
 
+def _f(v, fmt: str = "{:.4f}") -> str:
+    """One number format per column in the table (raw floats stay in result.json)."""
+    return "n/a" if v is None else fmt.format(v)
+
+
 def _report(out, result: dict) -> None:
     rows = result["variants"]
     names = [r["name"] for r in rows]
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, [r["val_loss"] for r in rows], color="tab:blue")
-    ax.set_ylim(min(r["val_loss"] for r in rows) * 0.97, max(r["val_loss"] for r in rows) * 1.01)
-    ax.set_ylabel("validation loss"), ax.tick_params(axis="x", rotation=30)
+    # points, not bars: bars must start at 0, which would hide the differences between routers
+    ax.plot(names, [r["val_loss"] for r in rows], "o", color="tab:blue", markersize=8)
+    ax.set_ylabel("validation loss (nats/token)"), ax.tick_params(axis="x", rotation=30), ax.grid(alpha=0.3)
+    ax.set_title("Validation loss by router (last evaluation)")
     plots["val_loss"] = save_figure(fig, out / "plots" / "val_loss_by_router.png")
     for key, label, fname in (("max_load", "max / mean expert load", "max_load_over_training.png"),
                               ("experts_per_token", "experts per token", "experts_per_token.png"),
@@ -97,12 +105,19 @@ def _report(out, result: dict) -> None:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["name"])
         ax.set_xlabel("step"), ax.set_ylabel(label), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        ax.set_title(f"{label[0].upper()}{label[1:]} over training")
+        vals = [v for r in rows for v in r["history"][key] if v is not None]
+        if key == "dropped_frac" and vals and max(vals) == 0:
+            ax.set_ylim(0, 1)  # all zero: a 0..1 axis instead of matplotlib's -0.04..0.04
+            ax.text(0.5, 0.5, "no assignment was dropped by any router (all values are 0)",
+                    transform=ax.transAxes, ha="center", va="center")
         plots[key] = save_figure(fig, out / "plots" / fname)
     table = md_table(
         ["router", "val loss", "val ppl", "max/mean load (last 20%)", "load CV", "dropped frac", "experts/token",
          "tokens/s", "active params", "total params"],
-        [[r["name"], r["val_loss"], r["val_ppl"], r["max_load_last20"], r["load_cv_last20"],
-          r["dropped_frac_last20"], r["experts_per_token_last20"], r["median_tokens_per_s"],
+        [[r["name"], _f(r["val_loss"]), _f(r["val_ppl"], "{:.2f}"), _f(r["max_load_last20"], "{:.2f}"),
+          _f(r["load_cv_last20"], "{:.3f}"), _f(r["dropped_frac_last20"], "{:.3f}"),
+          _f(r["experts_per_token_last20"], "{:.2f}"), _f(r["median_tokens_per_s"], "{:,.0f}"),
           f"{r['active_params']:,}", f"{r['total_params']:,}"] for r in rows])
     md = [f"# Router comparison ({'quick' if result['quick'] else 'full'}: {result['steps']} steps, seed {result['seed']})",
           "", f"Unigram entropy of the training tokens: {result['unigram_entropy']:.4f} nats.", "", table, "",

@@ -40,8 +40,27 @@ def _run_summary(run: Path) -> dict:
         "max_load_last": train[-1].get("max_load"), "max_load_last_quarter": statistics.mean(loads) if loads else None,
         "total_params": count.total_params if count else None, "active_params": count.active_params if count else None,
         "router": cfg.model.moe.router.type if cfg is not None and cfg.model.moe is not None else None,
-        "_train": train, "_evals": evals,
+        "_train": train, "_evals": evals, "_config": _flatten(cfg.to_dict()) if cfg is not None else {},
     }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"model": {"moe": {"router": {"top_k": 2}}}}`` -> ``{"model.moe.router.top_k": 2}``."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(summaries: list[dict]) -> list[dict]:
+    """The config fields whose values differ between runs (a field missing from a run counts as None)."""
+    keys = sorted({k for s in summaries for k in s["_config"]})
+    return [{"field": k, "values": {s["name"]: s["_config"].get(k) for s in summaries}} for k in keys
+            if len({repr(s["_config"].get(k)) for s in summaries}) > 1]
 
 
 def compare_runs(runs: list[str | Path], out: str | Path | None, force: bool = False) -> dict:
@@ -58,7 +77,12 @@ def compare_runs(runs: list[str | Path], out: str | Path | None, force: bool = F
     if len(set(names)) < len(names):  # same basename: use the paths
         for s in summaries:
             s["name"] = s["run"]
-    result = {"runs": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]}
+    result = {"runs": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries],
+              "config_differences": config_differences(summaries)}
+    steps = sorted({s["steps"] for s in summaries})
+    if len(steps) > 1:
+        result["steps_note"] = (f"the runs trained for different numbers of steps ({', '.join(map(str, steps))}): "
+                                "their last-step numbers are not at the same point of training")
     if out is not None:
         _write(Path(out), summaries, result, force)
     return result
@@ -126,6 +150,15 @@ def _write(out: Path, summaries: list[dict], result: dict, force: bool = False) 
     md = ["# moelab compare", "",
           md_table(["run", "router", "params", "active", "steps", "train LM loss", "val loss", "val ppl",
                     "median tokens/s", "max/mean load (last)", "max/mean load (last quarter)"], rows), ""]
+    if result.get("steps_note"):
+        md += [f"**Note:** {result['steps_note']}.", ""]
+    diffs = result["config_differences"]
+    md += ["## Config differences", ""]
+    if diffs:
+        md += [md_table(["field", *[s["name"] for s in summaries]],
+                        [[d["field"], *[str(d["values"][s["name"]]) for s in summaries]] for d in diffs]), ""]
+    else:
+        md += ["The runs' configs are identical (or no run has a saved config).", ""]
     if domains:
         md += ["## Validation perplexity by domain (last evaluation)", "",
                md_table(["run", *domains], [[s["name"], *[f(s["val_domains"].get(d), "{:.2f}") for d in domains]]

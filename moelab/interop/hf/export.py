@@ -68,6 +68,13 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
     if source.get("model_type") == adapter.model_type:
         config.update({k: source[k] for k in CARRIED_FIELDS if k in source})
     src_dir = getattr(model, "source_dir", None)
+    tok_json = _tokenizer_file(src_dir, "tokenizer.json")
+    special = _special_tokens(tok_json) if tok_json is not None and _tokenizer_file(
+        src_dir, "tokenizer_config.json") is None else None
+    if special is not None:  # moelab's own tokenizer: end of document = eos = bos = pad (issue 24)
+        for k in CARRIED_FIELDS:
+            if config.get(k) is None:
+                config[k] = special["id"]
     with atomic_directory(out_dir, kind="hf-export", force=force) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -75,7 +82,30 @@ def export_hf(model: MoETransformer, out_dir: str | os.PathLike, family: str | N
             found = _tokenizer_file(src_dir, name)
             if found is not None:
                 shutil.copy2(found, tmp / name)
+        if special is not None:
+            t = special["token"]
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": t, "bos_token": t, "pad_token": t,
+                 "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
+            (tmp / "special_tokens_map.json").write_text(json.dumps(
+                {"eos_token": t, "bos_token": t, "pad_token": t}, indent=2) + "\n")
+        gen = {k: config[k] for k in CARRIED_FIELDS if config.get(k) is not None}
+        if gen and _tokenizer_file(src_dir, "generation_config.json") is None:
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out_dir
+
+
+def _special_tokens(tokenizer_json: Path) -> dict | None:
+    """The end-of-document token of a moelab tokenizer (``moelab.data.tokenizer.EOS``), or None."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from moelab.data.tokenizer import EOS
+
+    try:
+        i = HFTokenizer.from_file(str(tokenizer_json)).token_to_id(EOS)
+    except Exception:  # not a tokenizers file (a stub, another format): nothing to name
+        return None
+    return None if i is None else {"token": EOS, "id": i}
 
 
 def _tokenizer_file(src_dir, name: str) -> Path | None:
